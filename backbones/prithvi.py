@@ -1,0 +1,450 @@
+"""Prithvi-EO style ViT: 3-D (tubelet) patch embedding, fixed 3-D sin-cos positions, optional
+time/location coordinate encodings, multi-level feature maps for dense decoders.
+
+Sizes follow Prithvi-EO-1.0 and 2.0; :func:`load_pretrained` reads the official MAE checkpoint
+layouts (``encoder.*`` and the older unprefixed v1 layout).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import to_3tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from workbench.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+HLS_BANDS = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
+V1_MEAN = (775.2290, 1080.9928, 1228.5855, 2497.2023, 2204.2139, 1610.8325)
+V1_STD = (1281.5261, 1270.0298, 1399.4803, 1368.3446, 1291.6764, 1154.5057)
+V2_MEAN = (1087.0, 1342.0, 1433.0, 2734.0, 1958.0, 1363.0)
+V2_STD = (2248.0, 2179.0, 2178.0, 1850.0, 1242.0, 1049.0)
+COORDS = ("time", "location")
+
+
+# --- fixed sin-cos embeddings ---------------------------------------------------------------
+
+
+def sincos_1d(dim: int, positions: Tensor) -> Tensor:
+    """Sin-cos embedding of positions ``(N,)`` → ``(N, dim)`` (sines first, then cosines)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.double().reshape(-1, 1) * omega.to(positions.device).reshape(1, -1)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_3d(dim: int, grid: tuple[int, int, int]) -> Tensor:
+    """3-D sin-cos position embedding for a ``(T, H, W)`` token grid → ``(T*H*W, dim)``.
+
+    W and H each take 6/16 of ``dim``, time 4/16, concatenated as (w, h, t) with tokens ordered
+    time-major, then rows, then columns — the layout of the official Prithvi MAE.
+    """
+    if dim % 16:
+        raise UserInputError(f"embed_dim must be a multiple of 16 for 3-D sin-cos, got {dim}")
+    t, h, w = grid
+    emb_w = sincos_1d(dim // 16 * 6, torch.arange(w)).repeat(t * h, 1)
+    emb_h = sincos_1d(dim // 16 * 6, torch.arange(h)).repeat_interleave(w, 0).repeat(t, 1)
+    emb_t = sincos_1d(dim // 16 * 4, torch.arange(t)).repeat_interleave(h * w, 0)
+    return torch.cat([emb_w, emb_h, emb_t], dim=1)
+
+
+class TemporalEncoder(nn.Module):
+    """[year, day-of-year] per frame → sin-cos embedding × a learned scale."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.dims = (embed_dim // 2, embed_dim - embed_dim // 2)
+        self.scale = nn.Parameter(torch.full((1,), 0.1))
+
+    def forward(self, coords: Tensor, tokens_per_frame: int) -> Tensor:
+        """``(B, T, 2)`` → ``(B, T * tokens_per_frame, D)``."""
+        b, t, _ = coords.shape
+        parts = [sincos_1d(d, coords[..., i].flatten()).reshape(b, t, d) for i, d in enumerate(self.dims)]
+        return (self.scale * torch.cat(parts, -1)).repeat_interleave(tokens_per_frame, dim=1)
+
+
+class LocationEncoder(nn.Module):
+    """[latitude, longitude] per sample → sin-cos embedding × a learned scale."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.dims = (embed_dim // 2, embed_dim - embed_dim // 2)
+        self.scale = nn.Parameter(torch.full((1,), 0.1))
+
+    def forward(self, coords: Tensor) -> Tensor:
+        """``(B, 2)`` → ``(B, 1, D)``."""
+        parts = [sincos_1d(d, coords[:, i]) for i, d in enumerate(self.dims)]
+        return (self.scale * torch.cat(parts, -1)).unsqueeze(1)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+class PatchEmbed3D(nn.Module):
+    """``(B, C, T, H, W)`` → tokens ``(B, T/t * H/p * W/p, D)`` with a Conv3d tubelet."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def default_out_indices(depth: int, levels: int = 4) -> list[int]:
+    """Evenly spaced block indices ending at the last block.
+
+    depth 12 → [2, 5, 8, 11], 24 → [5, 11, 17, 23], 32 → [7, 15, 23, 31], 2 → [0, 0, 1, 1].
+    """
+    return [math.ceil((i + 1) * depth / levels) - 1 for i in range(levels)]
+
+
+class PrithviViT(nn.Module):
+    """Prithvi-EO encoder returning multi-level feature maps.
+
+    Input ``(B, C, T, H, W)`` or ``(B, C, H, W)`` (one frame), ``C = len(bands)``; H and W any
+    multiple of the patch size (position embeddings are recomputed for the token grid).
+    :meth:`forward_features` returns, for each block in ``out_indices``, a map
+    ``(B, D * T', H/p, W/p)`` with time folded into channels (``T' = T / tubelet``); the last
+    block's output goes through the final norm, as in the official encoder.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int | Sequence[int] = (1, 16, 16),
+        num_frames: int = 1,
+        bands: Sequence[str] = HLS_BANDS,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        coords_encoding: Sequence[str] = (),
+        out_indices: Sequence[int] | None = None,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        patch = tuple(patch_size) if isinstance(patch_size, Sequence) else (1, patch_size, patch_size)
+        if len(patch) != 3:
+            raise UserInputError(f"patch_size must be an int or (t, h, w), got {patch_size}")
+        unknown = set(coords_encoding) - set(COORDS)
+        if unknown:
+            raise UserInputError(f"coords_encoding: unknown {sorted(unknown)}; choose from {COORDS}")
+        if num_frames % patch[0]:
+            raise UserInputError(f"num_frames {num_frames} is not a multiple of the tubelet {patch[0]}")
+        self.bands = list(bands)
+        self.img_size = img_size
+        self.patch_size = patch
+        self.num_frames = num_frames
+        self.embed_dim = embed_dim
+        self.out_indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
+        if not all(0 <= i < depth for i in self.out_indices):
+            raise UserInputError(f"out_indices {self.out_indices} must lie in [0, {depth - 1}]")
+        frames = num_frames // patch[0]
+        self.patch_embed = PatchEmbed3D(patch, len(self.bands), embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.temporal_embed_enc = TemporalEncoder(embed_dim) if "time" in coords_encoding else None
+        self.location_embed_enc = LocationEncoder(embed_dim) if "location" in coords_encoding else None
+        grid = (frames, img_size // patch[1], img_size // patch[2])
+        self.register_buffer("pos_embed", sincos_3d(embed_dim, grid).unsqueeze(0), persistent=False)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm)
+            for i in range(depth)
+        )
+        self.norm = norm(embed_dim)
+        self.feature_info = [
+            {"num_chs": embed_dim * frames, "reduction": patch[1], "module": f"blocks.{i}"}
+            for i in self.out_indices
+        ]
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def _position_embedding(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
+        """``(1, T*h*w, D)`` for the token grid (the cached buffer when it is the default)."""
+        if self.pos_embed.shape[1] == math.prod(grid) and grid[1:] == (
+            self.img_size // self.patch_size[1],
+            self.img_size // self.patch_size[2],
+        ):
+            return self.pos_embed
+        return sincos_3d(self.embed_dim, grid).unsqueeze(0).to(device)
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.ndim == 4:
+            x = x.unsqueeze(2)
+        if x.ndim != 5:
+            raise UserInputError(f"input must be (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
+        _, c, t, h, w = x.shape
+        if c != len(self.bands):
+            raise UserInputError(
+                f"the backbone expects {len(self.bands)} bands {self.bands} but the input has {c} "
+                "channels: select those bands in the data config, or set the model bands to match."
+            )
+        if t != self.num_frames:
+            raise UserInputError(
+                f"the backbone was built for num_frames={self.num_frames} but the input has {t} "
+                "frames: set backbone_kwargs.num_frames to the data's frame count."
+            )
+        if h % self.patch_size[1] or w % self.patch_size[2]:
+            raise UserInputError(
+                f"image size {h}x{w} is not a multiple of the patch size {self.patch_size[1:]}: "
+                "use a chip/window size that is."
+            )
+        return x
+
+    def forward_features(
+        self,
+        x: Tensor,
+        temporal_coords: Tensor | None = None,
+        location_coords: Tensor | None = None,
+    ) -> list[Tensor]:
+        """``(B, C, [T,] H, W)`` → list of ``(B, D*T', H/p, W/p)``, one per ``out_indices``."""
+        x = self._check_input(x)
+        b, _, t, h, w = x.shape
+        grid = (t // self.patch_size[0], h // self.patch_size[1], w // self.patch_size[2])
+        tokens = self.patch_embed(x) + self._position_embedding(grid, x.device)
+        if self.temporal_embed_enc is not None and temporal_coords is not None:
+            tokens = tokens + self.temporal_embed_enc(temporal_coords.to(x.dtype), grid[1] * grid[2])
+        if self.location_embed_enc is not None and location_coords is not None:
+            tokens = tokens + self.location_embed_enc(location_coords.to(x.dtype))
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        features = []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i in self.out_indices:
+                out = self._to_map((self.norm(tokens) if i == last else tokens)[:, 1:], grid)
+                features.extend([out] * self.out_indices.count(i))
+        return features
+
+    @staticmethod
+    def _to_map(tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """``(B, T*h*w, D)`` → ``(B, D*T, h, w)``."""
+        t, h, w = grid
+        b, _, d = tokens.shape
+        return tokens.reshape(b, t, h, w, d).permute(0, 4, 1, 2, 3).reshape(b, d * t, h, w)
+
+    def forward(self, x: Tensor, **coords: Tensor) -> list[Tensor]:
+        return self.forward_features(x, **coords)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv3d):
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+
+
+# --- loading official checkpoints ----------------------------------------------------------
+
+DECODER_PREFIXES = ("decoder.", "decoder_", "mask_token")
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {path} does not exist: give the path of a local .pt or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable or not a checkpoint at all
+        raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserInputError(f"checkpoint {path} holds no state dict of tensors")
+    return state
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop wrapper prefixes (``module.``, ``encoder.``, ...) and all MAE decoder keys."""
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if not key.startswith(DECODER_PREFIXES):
+            out[key] = value
+    return out
+
+
+def _adapt_bands(weight: Tensor, source: Sequence[str], target: Sequence[str]) -> tuple[Tensor, list[str]]:
+    """Patch-embedding weight ``(D, C_src, t, p, p)`` → ``(D, C_tgt, t, p, p)`` by band name.
+
+    Bands missing from the checkpoint get zero weights, so the pretrained function is unchanged
+    until they are trained. Returns the new weight and the names of the new bands.
+    """
+    if list(source) == list(target):
+        return weight, []
+    new = [b for b in target if b not in source]
+    adapted = weight.new_zeros((weight.shape[0], len(target), *weight.shape[2:]))
+    for i, band in enumerate(target):
+        if band in source:
+            adapted[:, i] = weight[:, list(source).index(band)]
+    return adapted, new
+
+
+def _describe(state: dict[str, Tensor]) -> str:
+    """What architecture a checkpoint looks like, from its keys."""
+    dim = state.get("cls_token", state.get("norm.weight"))
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if dim is None:
+        return "it has no Prithvi encoder keys (cls_token, blocks.*)"
+    guess = {768: "prithvi_eo_v1_100m / prithvi_eo_v2_100m_tl", 1024: "prithvi_eo_v2_300m(_tl)",
+             1280: "prithvi_eo_v2_600m(_tl)", 192: "prithvi_eo_v2_tiny_tl"}.get(dim.shape[-1])
+    hint = f" — use {guess}" if guess else ""
+    return f"the checkpoint has embed_dim {dim.shape[-1]}, depth {depth}{hint}"
+
+
+def load_pretrained(model: PrithviViT, path: str | Path) -> dict[str, Any]:
+    """Load an official Prithvi checkpoint into ``model``; returns a report of what was done.
+
+    Accepts ``.pt``/``.pth``/``.safetensors`` files in the MAE layout (``encoder.*``), the old
+    unprefixed v1 layout, or either wrapped in ``state_dict``/``model``. Decoder keys are dropped;
+    ``pos_embed`` is dropped (fixed sin-cos, recomputed for the model's grid); the patch embedding
+    is adapted from the checkpoint's :data:`HLS_BANDS` to the model's bands by name. Raises :class:`UserInputError` on missing,
+    unexpected or mis-shaped keys.
+    """
+    path = Path(path)
+    state = _strip_prefixes(_read_state_dict(path))
+    report: dict[str, Any] = {"file": str(path), "dropped": [], "new_bands": [], "kept_init": []}
+    if state.pop("pos_embed", None) is not None:
+        report["dropped"].append("pos_embed (fixed sin-cos, recomputed for the model grid)")
+    key = "patch_embed.proj.weight"  # every official Prithvi checkpoint has the six HLS bands
+    if key in state and state[key].shape[1] == len(HLS_BANDS):
+        state[key], report["new_bands"] = _adapt_bands(state[key], HLS_BANDS, model.bands)
+    own = model.state_dict()
+    for name in ("temporal_embed_enc.scale", "location_embed_enc.scale"):
+        if name in state and name not in own:
+            state.pop(name)
+            report["dropped"].append(f"{name} (model built without that coordinate encoding)")
+        elif name in own and name not in state:
+            state[name] = own[name]
+            report["kept_init"].append(name)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"checkpoint {path} does not fit this {type(model).__name__} ({_describe(state)})."]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{label} keys: {', '.join(items[:10])}{more}.")
+        parts.append("Pick the backbone size the checkpoint was trained with.")
+        raise UserInputError(" ".join(parts))
+    model.load_state_dict(state, strict=True)
+    report["loaded"] = len(state)
+    log.info(
+        "loaded %d tensors from %s; dropped: %s; new bands (zero-initialised): %s; kept init: %s",
+        report["loaded"], path, report["dropped"] or "none", report["new_bands"] or "none",
+        report["kept_init"] or "none",
+    )
+    return report
+
+
+def _resolve_checkpoint(cfg: dict[str, Any]) -> Path:
+    """Local ``file`` from the pretrained cfg, else a Hugging Face Hub download (online only)."""
+    if cfg.get("file"):
+        return Path(cfg["file"])
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"]))
+    except Exception as err:
+        raise UserInputError(
+            f"could not download {cfg.get('hf_hub_filename')} from {cfg.get('hf_hub_id')} ({err}). "
+            "Download it where you have internet and pass the local file as `pretrained: <path>`."
+        ) from None
+
+
+# --- named sizes ---------------------------------------------------------------------------
+
+
+def _cfg(hub_id: str, filename: str, mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> dict:
+    return {
+        "hf_hub_id": hub_id,
+        "hf_hub_filename": filename,
+        "mean": mean,
+        "std": std,
+        "input_size": (len(HLS_BANDS), 224, 224),
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "prithvi_eo_v1_100m": _cfg("ibm-nasa-geospatial/Prithvi-EO-1.0-100M", "Prithvi_EO_V1_100M.pt", V1_MEAN, V1_STD),
+        "prithvi_eo_v2_tiny_tl": _cfg("ibm-nasa-geospatial/Prithvi-EO-2.0-tiny-TL", "Prithvi_EO_V2_tiny_TL.pt", V2_MEAN, V2_STD),
+        "prithvi_eo_v2_100m_tl": _cfg("ibm-nasa-geospatial/Prithvi-EO-2.0-100M-TL", "Prithvi_EO_V2_100M_TL.pt", V2_MEAN, V2_STD),
+        "prithvi_eo_v2_300m": _cfg("ibm-nasa-geospatial/Prithvi-EO-2.0-300M", "Prithvi_EO_V2_300M.pt", V2_MEAN, V2_STD),
+        "prithvi_eo_v2_300m_tl": _cfg("ibm-nasa-geospatial/Prithvi-EO-2.0-300M-TL", "Prithvi_EO_V2_300M_TL.pt", V2_MEAN, V2_STD),
+        "prithvi_eo_v2_600m": _cfg("ibm-nasa-geospatial/Prithvi-EO-2.0-600M", "Prithvi_EO_V2_600M.pt", V2_MEAN, V2_STD),
+        "prithvi_eo_v2_600m_tl": _cfg("ibm-nasa-geospatial/Prithvi-EO-2.0-600M-TL", "Prithvi_EO_V2_600M_TL.pt", V2_MEAN, V2_STD),
+    }
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> PrithviViT:
+    """Build a named size; ``pretrained`` loads the cfg's local ``file`` or its hub checkpoint."""
+    in_chans = kwargs.pop("in_chans", None)
+    if in_chans is not None and "bands" not in kwargs:
+        kwargs["bands"] = [*HLS_BANDS, *(f"BAND_{i + 1}" for i in range(len(HLS_BANDS), in_chans))][:in_chans]
+    elif in_chans is not None and in_chans != len(kwargs["bands"]):
+        raise UserInputError(f"in_chans={in_chans} but {len(kwargs['bands'])} bands given: set only `bands`")
+    model = build_model_with_cfg(
+        PrithviViT, variant, pretrained=False, kwargs_filter=("num_classes", "in_chans"), **kwargs
+    )
+    if pretrained:
+        load_pretrained(model, _resolve_checkpoint(model.pretrained_cfg))
+    return model
+
+
+def _register(variant: str, **arch: Any) -> None:
+    def factory(pretrained: bool = False, **kwargs: Any) -> PrithviViT:
+        return _create(variant, pretrained, **{**arch, **kwargs})
+
+    factory.__name__ = variant
+    factory.__doc__ = f"{variant}: {arch}"
+    factory.model_cls = PrithviViT  # lets callers list valid constructor arguments
+    register_model(factory)
+
+
+_TL = ("time", "location")
+_register("prithvi_eo_v1_100m", num_frames=3, embed_dim=768, depth=12, num_heads=12)
+_register("prithvi_eo_v2_tiny_tl", num_frames=1, embed_dim=192, depth=12, num_heads=3, coords_encoding=_TL)
+_register("prithvi_eo_v2_100m_tl", num_frames=4, embed_dim=768, depth=12, num_heads=12, coords_encoding=_TL)
+_register("prithvi_eo_v2_300m", num_frames=4, embed_dim=1024, depth=24, num_heads=16)
+_register("prithvi_eo_v2_300m_tl", num_frames=4, embed_dim=1024, depth=24, num_heads=16, coords_encoding=_TL)
+_register("prithvi_eo_v2_600m", num_frames=4, embed_dim=1280, depth=32, num_heads=16, patch_size=(1, 14, 14))
+_register(
+    "prithvi_eo_v2_600m_tl", num_frames=4, embed_dim=1280, depth=32, num_heads=16, patch_size=(1, 14, 14),
+    coords_encoding=_TL,
+)

@@ -1,0 +1,102 @@
+"""Per-band normalisation: the preprocessing shared by training chips and whole-scene prediction,
+and the band statistics it needs."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from workbench.atomic import write_json
+from workbench.errors import UserInputError
+
+if TYPE_CHECKING:
+    from datamodules.segmentation import GeoSegmentationDataModule
+
+
+def valid_pixels(array: np.ndarray, nodata: float | None) -> np.ndarray:
+    """``(L, H, W)`` raw layers → ``(H, W)`` bool: no selected layer is nodata or NaN."""
+    invalid = np.isnan(array).any(0) if array.dtype.kind == "f" else np.zeros(array.shape[1:], bool)
+    if nodata is not None:
+        invalid |= (array == nodata).any(0)
+    return ~invalid
+
+
+@dataclass
+class Preprocessor:
+    """Raw selected layers → model input, identical for training and prediction.
+
+    Input: ``(L, H, W)`` with ``L = num_frames * C`` layers ordered frame-major (the layers
+    already selected from the file). Output: image ``(C, H, W)`` or ``(C, T, H, W)`` float32,
+    normalised per band, 0 where invalid; and the valid mask ``(H, W)``.
+    """
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    num_frames: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise UserInputError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise UserInputError(f"data.std must be positive, got {list(self.std)}")
+
+    def __call__(self, array: np.ndarray, nodata: float | None) -> tuple[Tensor, Tensor]:
+        valid = valid_pixels(array, nodata)
+        c = len(self.mean)
+        image = torch.from_numpy(array.astype(np.float32)).reshape(self.num_frames, c, *array.shape[1:])
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, c, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, c, 1, 1)
+        image = ((image - mean) / std).transpose(0, 1)  # (C, T, H, W)
+        valid_t = torch.from_numpy(valid)
+        image = image.masked_fill(~valid_t, 0.0)
+        return (image[:, 0] if self.num_frames == 1 else image), valid_t
+
+
+def load_band_stats(path: str | Path, bands: Sequence[str] | None) -> tuple[list[float], list[float]]:
+    """Read ``mean``/``std`` from a stats JSON, checking its bands match the selection."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"data.stats_file {path} does not exist: run `workbench stats --config <config>`")
+    stats = json.loads(path.read_text())
+    if bands is not None and stats.get("bands") and list(stats["bands"]) != list(bands):
+        raise UserInputError(
+            f"data.stats_file {path} has statistics for bands {stats['bands']} but the data selects "
+            f"{list(bands)}: recompute it with `workbench stats --config <config>`"
+        )
+    return list(stats["mean"]), list(stats["std"])
+
+
+def compute_band_stats(chips: Iterable[tuple[np.ndarray, float | None]], num_bands: int) -> dict[str, Any]:
+    """Streaming per-band mean/std over ``((L, H, W) layers frame-major, nodata)`` chips."""
+    total = np.zeros(num_bands)
+    squares = np.zeros(num_bands)
+    count = 0
+    for array, nodata in chips:
+        valid = valid_pixels(array, nodata)
+        pixels = array.reshape(-1, num_bands, *array.shape[1:]).astype(np.float64)[:, :, valid]
+        total += pixels.sum(axis=(0, 2))
+        squares += (pixels**2).sum(axis=(0, 2))
+        count += pixels.shape[0] * pixels.shape[2]
+    if count == 0:
+        raise UserInputError("no valid pixels to compute band statistics from (all nodata?)")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return {"mean": mean.tolist(), "std": [s if s > 0 else 1.0 for s in std.tolist()], "pixels": count}
+
+
+def write_band_stats(datamodule: GeoSegmentationDataModule, path: str | Path, max_samples: int = 512) -> dict[str, Any]:
+    """Compute mean/std over (up to ``max_samples`` evenly spaced) training chips; write JSON atomically."""
+    dataset = datamodule.dataset("train", normalize=False)
+    step = max(1, math.ceil(len(dataset) / max_samples))
+    chips = (dataset.read_layers(i) for i in range(0, len(dataset), step))
+    stats = {"bands": datamodule.bands, **compute_band_stats(chips, datamodule.num_bands)}
+    write_json(path, stats)
+    return stats

@@ -1,0 +1,135 @@
+"""GeoTIFF image/mask chip dataset: whole files or windows cut from larger files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datamodules.normalize import Preprocessor
+from workbench.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One sample: an image file, its mask file (None for prediction), an optional window."""
+
+    image: Path
+    mask: Path | None
+    window: Window | None = None
+
+
+def grid_windows(path: Path, size: int) -> list[Window]:
+    """Non-overlapping ``size``×``size`` windows covering ``path`` (partial edge windows dropped)."""
+    with rasterio.open(path) as src:
+        height, width = src.height, src.width
+    if height < size or width < size:
+        raise UserInputError(f"{path} is {height}x{width} pixels, smaller than chip_size {size}")
+    return [Window(c, r, size, size) for r in range(0, height - size + 1, size) for c in range(0, width - size + 1, size)]
+
+
+class ChipDataset(Dataset):
+    """Reads chips with rasterio (windowed), preprocesses them and checks their labels.
+
+    Items: ``image`` ``(C, H, W)`` or ``(C, T, H, W)`` float32, ``mask`` ``(H, W)`` int64 with
+    ``ignore_index`` where unlabelled or nodata (when the chip has a mask).
+    """
+
+    def __init__(
+        self,
+        chips: list[Chip],
+        layers: list[int] | None,
+        expected_layers: int | None,
+        preprocess: Preprocessor | None,
+        num_classes: int,
+        ignore_index: int = 255,
+        nodata: float | None = None,
+        label_map: dict[int, int] | None = None,
+        augment: bool = False,
+    ) -> None:
+        """
+        Args:
+            chips: the samples.
+            layers: 0-based file layers to read (frame-major), None for all.
+            expected_layers: layer count every image file must have (None: not checked).
+            preprocess: normalisation; None returns raw layers (for statistics).
+            num_classes: labels must lie in ``[0, num_classes)`` or equal ``ignore_index``.
+            ignore_index: mask value for unlabelled pixels.
+            nodata: image nodata value overriding the files' own.
+            label_map: mask values to replace before checking, e.g. ``{-1: 255}``.
+            augment: random flips and 90° rotations, applied to image and mask alike.
+        """
+        self.chips = chips
+        self.layers = layers
+        self.expected_layers = expected_layers
+        self.preprocess = preprocess
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.nodata = nodata
+        self.label_map = label_map or {}
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def read_layers(self, index: int) -> tuple[np.ndarray, float | None]:
+        """Raw selected layers ``(L, H, W)`` of chip ``index`` and the nodata value in force."""
+        chip = self.chips[index]
+        with rasterio.open(chip.image) as src:
+            if self.expected_layers is not None and src.count != self.expected_layers:
+                raise UserInputError(
+                    f"{chip.image} has {src.count} bands but {self.expected_layers} are expected "
+                    "(file_bands × num_frames): check `file_bands`, `num_frames` and the layout"
+                )
+            if self.layers is not None and max(self.layers) >= src.count:
+                raise UserInputError(f"{chip.image} has {src.count} bands; data.bands asks for band index {max(self.layers)}")
+            indexes = [i + 1 for i in self.layers] if self.layers is not None else None
+            array = src.read(indexes, window=chip.window)
+            nodata = self.nodata if self.nodata is not None else src.nodata
+        return array, nodata
+
+    def read_mask(self, index: int) -> Tensor:
+        """Mask ``(H, W)`` int64 after ``label_map``; unexpected values are an error naming the file."""
+        chip = self.chips[index]
+        with rasterio.open(chip.mask) as src:
+            mask = src.read(1, window=chip.window).astype(np.int64)
+        for source, target in self.label_map.items():
+            mask[mask == source] = target
+        values = np.unique(mask)
+        bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
+        if bad.size:
+            raise UserInputError(
+                f"mask {chip.mask} has values {bad.tolist()} outside classes 0..{self.num_classes - 1} "
+                f"and ignore_index {self.ignore_index}: set data.num_classes, data.label_map "
+                "(e.g. {-1: 255}) or data.ignore_index"
+            )
+        return torch.from_numpy(mask)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        array, nodata = self.read_layers(index)
+        if self.preprocess is None:
+            return {"image": torch.from_numpy(array.astype(np.float32))}
+        image, valid = self.preprocess(array, nodata)
+        sample = {"image": image}
+        if self.chips[index].mask is not None:
+            sample["mask"] = self.read_mask(index).masked_fill(~valid, self.ignore_index)
+        if self.augment:
+            sample = random_flip_rotate(sample)
+        return sample
+
+
+def random_flip_rotate(sample: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The same random horizontal flip and k×90° rotation on every tensor's last two axes."""
+    flip = bool(torch.rand(()) < 0.5)
+    k = int(torch.randint(0, 4, ()))
+    out = {}
+    for key, value in sample.items():
+        value = value.flip(-1) if flip else value
+        out[key] = torch.rot90(value, k, dims=(-2, -1)).contiguous()
+    return out

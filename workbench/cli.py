@@ -1,0 +1,155 @@
+"""The ``workbench`` command: Lightning's fit/validate/test/predict plus workbench commands.
+
+Heavy imports (torch, lightning) happen only once a command that needs them runs, so
+``workbench --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from workbench.errors import UserInputError
+
+USAGE = """\
+usage: workbench <command> [--config CONFIG.yaml] [--section.key value ...]
+
+Fine-tune domain foundation models with frozen, PEFT or full strategies.
+
+commands:
+  fit        train (and, by default, validate and test the best checkpoint)
+  validate   evaluate a checkpoint on the validation split
+  test       evaluate a checkpoint on the test split
+  predict    run a model over the datamodule's prediction split
+  stats      compute per-band mean/std over the training split of a config's data
+
+Run `workbench <command> --help` for a command's options, and
+`workbench fit --config configs/flood_lora.yaml --print_config` to see every setting.
+"""
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _lightning_cli_class() -> type:
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from workbench.atomic import write_json
+    from workbench.tasks import BaseTask
+
+    class WorkbenchCLI(LightningCLI):
+        """LightningCLI wired for workbench tasks and datamodules."""
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="After fit, validate and test the best checkpoint and write results.json.",
+            )
+            for attribute in ("num_classes", "class_names", "bands"):
+                parser.link_arguments(
+                    f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate"
+                )
+
+        def after_fit(self) -> None:
+            if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:
+                return
+            ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+            val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            if self.trainer.is_global_zero and self.trainer.log_dir:
+                write_json(
+                    f"{self.trainer.log_dir}/results.json",
+                    {
+                        "strategy": str(self.model.strategy_report),
+                        "best_checkpoint": self.trainer.checkpoint_callback.best_model_path
+                        if ckpt
+                        else None,
+                        "val": val[0] if val else {},
+                        "test": test[0] if test else {},
+                    },
+                )
+
+    return WorkbenchCLI, BaseTask, LightningDataModule
+
+
+def run_lightning(args: list[str]) -> None:
+    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    cli_class, task_class, data_class = _lightning_cli_class()
+    cli_class(
+        task_class,
+        data_class,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def run_stats(args: list[str]) -> dict[str, Any]:
+    """``workbench stats --config X.yaml [--out stats.json] [--max_samples N]``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    from datamodules.normalize import write_band_stats
+
+    parser = ArgumentParser(
+        prog="workbench stats",
+        description="Compute per-band mean/std over the training split of the config's data.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    parser.add_argument("--out", type=str, default="band_stats.json", help="JSON file to write")
+    parser.add_argument("--max_samples", type=int, default=512, help="chips to read at most")
+    for ignored in ("model", "trainer", "seed_everything", "ckpt_path", "test_after_fit"):
+        parser.add_argument(f"--{ignored}", type=Any, default=None, help="(ignored by stats)")
+    cfg = parser.instantiate_classes(parser.parse_args(args))
+    stats = write_band_stats(cfg.data, cfg.out, cfg.max_samples)
+    print(f"workbench: wrote {cfg.out}; set `data.init_args.stats_file: {cfg.out}` in your config")
+    return stats
+
+
+def user_error(err: BaseException) -> UserInputError | None:
+    """The :class:`UserInputError` behind ``err``, if any (jsonargparse wraps init errors)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``workbench`` console script; returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if args[0] == "--version":
+        from workbench import __version__
+
+        print(__version__)
+        return 0
+    command, rest = args[0], args[1:]
+    try:
+        if command == "stats":
+            run_stats(rest)
+        elif command in LIGHTNING_COMMANDS:
+            run_lightning(args)
+        else:
+            print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"workbench: error: {cause}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

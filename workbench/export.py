@@ -1,0 +1,58 @@
+"""Export a fine-tuned model: adapter-only weights and merged plain weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from safetensors.torch import save_file
+
+from workbench.atomic import atomic_path, write_json
+from workbench.tasks.base import BaseTask
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def export_weights(task: BaseTask, out_dir: str | Path) -> dict[str, str]:
+    """Write ``adapter.safetensors`` and ``merged.safetensors`` into ``out_dir``.
+
+    ``adapter.safetensors`` holds only what the strategy trained (e.g. LoRA matrices plus
+    neck/decoder/head): small, and applied on top of the same pretrained backbone.
+    ``merged.safetensors`` is the whole model with adapters merged into the base weights, in the
+    plain (un-adapted) key layout, so it loads into the model built with the ``Full`` strategy
+    at no extra inference cost. Returns the written paths.
+    """
+    out = Path(out_dir)
+    paths = {"adapter": out / "adapter.safetensors", "merged": out / "merged.safetensors"}
+    _save_tensors(task.strategy.trainable_state_dict(task.model), paths["adapter"])
+    _save_tensors(task.strategy.merged(task.model).state_dict(), paths["merged"])
+    write_json(
+        out / "export.json",
+        {
+            "backbone": task.hparams.backbone,
+            "strategy": str(task.strategy_report),
+            "files": {k: p.name for k, p in paths.items()},
+        },
+    )
+    return {k: str(p) for k, p in paths.items()}
+
+
+class ExportWeights(Callback):
+    """At the end of ``fit``, export the best checkpoint's weights to ``<log_dir>/<dirname>``."""
+
+    def __init__(self, dirname: str = "export") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or not isinstance(pl_module, BaseTask):
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if best:
+            state = torch.load(best, map_location=pl_module.device, weights_only=True)
+            pl_module.load_state_dict(state["state_dict"])
+        paths = export_weights(pl_module, Path(trainer.log_dir or ".") / self.dirname)
+        print(f"workbench: exported {', '.join(paths.values())}")

@@ -1,0 +1,74 @@
+"""The strategy interface: decide what trains, report it, export adapter-only and merged weights."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from workbench.model import EncoderDecoder
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@dataclass(frozen=True)
+class StrategyReport:
+    """What a strategy left trainable, for the whole model and for the backbone."""
+
+    strategy: str
+    trainable: int
+    total: int
+    backbone_trainable: int
+    backbone_total: int
+
+    @classmethod
+    def of(cls, strategy: str, model: EncoderDecoder) -> StrategyReport:
+        return cls(strategy, *count_parameters(model), *count_parameters(model.backbone))
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.strategy}: {self.trainable:,} / {self.total:,} parameters trainable "
+            f"({self.trainable_percent:.2f}%); backbone {self.backbone_trainable:,} / "
+            f"{self.backbone_total:,}"
+        )
+
+
+class Strategy:
+    """Base class: subclasses change which parameters of an :class:`EncoderDecoder` train."""
+
+    name = "strategy"
+
+    def apply(self, model: EncoderDecoder) -> StrategyReport:
+        """Adapt ``model`` in place and report the trainable parameters."""
+        self.prepare(model)
+        return StrategyReport.of(self.name, model)
+
+    def prepare(self, model: EncoderDecoder) -> None:
+        """Freeze, inject or wrap modules of ``model`` in place."""
+        raise NotImplementedError
+
+    def merged(self, model: EncoderDecoder) -> EncoderDecoder:
+        """A copy of ``model`` in the plain layout (adapters merged); the base copies as is."""
+        return copy.deepcopy(model)
+
+    def trainable_state_dict(self, model: EncoderDecoder) -> dict[str, Tensor]:
+        """The state dict without the frozen parameters: what this strategy changed.
+
+        Buffers (e.g. decoder BatchNorm statistics) are kept, so the result together with the
+        original pretrained backbone restores the fine-tuned model.
+        """
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"

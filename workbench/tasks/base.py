@@ -1,0 +1,127 @@
+"""What every task shares: backbone creation, the adaptation strategy, optimizers, reporting."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+import backbones  # noqa: F401  (registers the workbench backbones with timm)
+from workbench.errors import UserInputError
+from workbench.strategies import Full, Strategy, StrategyReport
+
+log = logging.getLogger(__name__)
+
+
+def create_backbone(
+    name: str,
+    bands: list[str] | None = None,
+    pretrained: str | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Create a registered timm backbone, optionally loading a local checkpoint.
+
+    Args:
+        name: timm model name, e.g. ``prithvi_eo_v2_300m_tl``.
+        bands: band names fed to the model (from the datamodule); backbones that know band names
+            adapt their patch embedding to them, others get ``in_chans=len(bands)``.
+        pretrained: local checkpoint path in the family's official layout, or None for random init.
+        backbone_kwargs: extra constructor arguments (``num_frames``, ``img_size``, ...).
+    """
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise UserInputError(
+            f"model.backbone: unknown backbone {name!r}. Similar registered names: {close or 'none'}."
+        )
+    kwargs = dict(backbone_kwargs or {})
+    model_cls = getattr(timm.models.model_entrypoint(name), "model_cls", None)
+    if bands:
+        if model_cls is not None and "bands" in inspect.signature(model_cls).parameters:
+            kwargs.setdefault("bands", list(bands))
+        else:
+            kwargs.setdefault("in_chans", len(bands))
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise UserInputError(
+                f"model.pretrained: checkpoint file {pretrained!r} does not exist. "
+                "Give the path of a local checkpoint (.pt or .safetensors), or null for random init."
+            )
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        valid = sorted(inspect.signature(model_cls).parameters) if model_cls else []
+        raise UserInputError(
+            f"model.backbone_kwargs for {name!r}: {err}. "
+            + (f"Valid keys: {', '.join(valid)}." if valid else "Check the key's spelling.")
+        ) from None
+
+
+class BaseTask(LightningModule):
+    """A backbone-based model adapted by a :class:`~workbench.strategies.Strategy`.
+
+    Subclasses set their own attributes, then call :meth:`setup_model`, which creates the
+    backbone, wraps it with :meth:`build_model` and applies the strategy. Only parameters left
+    trainable by the strategy reach the optimizer.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "prithvi_eo_v2_tiny_tl",
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        bands: list[str] | None = None,
+        strategy: Strategy | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: timm name of the backbone (``timm.list_models('prithvi*')``).
+            backbone_kwargs: extra backbone constructor arguments; unknown keys are an error.
+            pretrained: local checkpoint in the backbone family's official key layout.
+            bands: band names of the input; linked from the datamodule by the CLI.
+            strategy: what trains (``Full``, ``Frozen``, ``LoRA``, ...); None means ``Full``.
+            optimizer: optimizer class and its arguments (``class_path``/``init_args``).
+            lr_scheduler: optional scheduler class and its arguments.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.strategy = strategy or Full()
+
+    def setup_model(self) -> None:
+        """Create the backbone, build ``self.model`` around it and apply the strategy."""
+        hp = self.hparams
+        encoder = create_backbone(hp.backbone, hp.bands, hp.pretrained, hp.backbone_kwargs)
+        self.model = self.build_model(encoder)
+        self.strategy_report: StrategyReport = self.strategy.apply(self.model)
+        log.info("%s", self.strategy_report)
+
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        """Wrap ``backbone`` into the task's full model (neck, decoder, head)."""
+        raise NotImplementedError
+
+    def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
+        return self.model(image, **backbone_kwargs)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"workbench: {self.strategy_report}")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
