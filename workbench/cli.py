@@ -20,14 +20,21 @@ commands:
   fit        train (and, by default, validate and test the best checkpoint)
   validate   evaluate a checkpoint on the validation split
   test       evaluate a checkpoint on the test split
-  predict    run a model over the datamodule's prediction split
+  predict    map whole GeoTIFF scenes of any size with a trained checkpoint
   stats      compute per-band mean/std over the training split of a config's data
 
 Run `workbench <command> --help` for a command's options, and
 `workbench fit --config configs/flood_lora.yaml --print_config` to see every setting.
 """
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+LINKED_DATA_ATTRIBUTES = ("num_classes", "class_names", "bands")
+
+
+def link_data_to_model(parser: Any) -> None:
+    """The model takes its classes and bands from the instantiated datamodule."""
+    for attribute in LINKED_DATA_ATTRIBUTES:
+        parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
 
 
 def _lightning_cli_class() -> type:
@@ -47,10 +54,7 @@ def _lightning_cli_class() -> type:
                 default=True,
                 help="After fit, validate and test the best checkpoint and write results.json.",
             )
-            for attribute in ("num_classes", "class_names", "bands"):
-                parser.link_arguments(
-                    f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate"
-                )
+            link_data_to_model(parser)
 
         def after_fit(self) -> None:
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:
@@ -86,23 +90,34 @@ def run_lightning(args: list[str] | None) -> None:
     )
 
 
-def run_stats(args: list[str]) -> dict[str, Any]:
-    """``workbench stats --config X.yaml [--out stats.json] [--max_samples N]``."""
+def config_parser(prog: str, description: str, sections: tuple[str, ...]) -> Any:
+    """A parser reading a fit config's ``sections`` (``data``, ``model``); other keys are ignored."""
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    from datamodules.normalize import write_band_stats
-
-    parser = ArgumentParser(
-        prog="workbench stats",
-        description="Compute per-band mean/std over the training split of the config's data.",
-    )
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    if "model" in sections:
+        from workbench.tasks import BaseTask
+
+        parser.add_subclass_arguments(BaseTask, "model", required=True)
+        link_data_to_model(parser)
+    for ignored in ("model", "trainer", "seed_everything", "ckpt_path", "test_after_fit"):
+        if ignored not in sections:
+            parser.add_argument(f"--{ignored}", type=Any, default=None, help="(not used by this command)")
+    return parser
+
+
+def run_stats(args: list[str]) -> dict[str, Any]:
+    """``workbench stats --config X.yaml [--out stats.json] [--max_samples N]``."""
+    from datamodules.normalize import write_band_stats
+
+    parser = config_parser(
+        "workbench stats", "Compute per-band mean/std over the training split of the config's data.", ("data",)
+    )
     parser.add_argument("--out", type=str, default="band_stats.json", help="JSON file to write")
     parser.add_argument("--max_samples", type=int, default=512, help="chips to read at most")
-    for ignored in ("model", "trainer", "seed_everything", "ckpt_path", "test_after_fit"):
-        parser.add_argument(f"--{ignored}", type=Any, default=None, help="(ignored by stats)")
     cfg = parser.instantiate_classes(parser.parse_args(args))
     stats = write_band_stats(cfg.data, cfg.out, cfg.max_samples)
     print(f"workbench: wrote {cfg.out}; set `data.init_args.stats_file: {cfg.out}` in your config")
@@ -135,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "stats":
             run_stats(rest)
+        elif command == "predict":
+            from workbench.predict.command import run_predict
+
+            run_predict(rest)
         elif command in LIGHTNING_COMMANDS:
             run_lightning(None if argv is None else args)
         else:

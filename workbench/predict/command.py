@@ -1,0 +1,121 @@
+"""``workbench predict``: map whole scenes with a trained checkpoint and its fit config."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import rasterio
+import torch
+
+from workbench.cli import config_parser
+from workbench.errors import UserInputError
+from workbench.predict.tiled import SceneSpec, TiledPredictor
+from workbench.tasks.base import BaseTask
+
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+def expand_inputs(inputs: list[str]) -> list[list[Path]]:
+    """Files, globs and folders → scenes; ``a.tif,b.tif`` is one scene with one file per frame."""
+    scenes: list[list[Path]] = []
+    for item in inputs:
+        if "," in item:
+            scenes.append([Path(p.strip()) for p in item.split(",") if p.strip()])
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in RASTER_SUFFIXES)
+            if not found:
+                raise UserInputError(f"--inputs: folder {item} has no .tif/.tiff files")
+            scenes.extend([p] for p in found)
+        elif glob.has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(item))
+            if not found:
+                raise UserInputError(f"--inputs: pattern {item!r} matches no file")
+            scenes.extend([p] for p in found)
+        elif not Path(item).is_file():
+            raise UserInputError(f"--inputs: {item} does not exist")
+        else:
+            scenes.append([Path(item)])
+    return scenes
+
+
+def scene_stems(scenes: list[list[Path]]) -> list[str]:
+    """A distinct output name per scene: the file stem, made unique with the folder or a counter."""
+    stems: list[str] = []
+    for files in scenes:
+        stem = files[0].stem
+        if stem in stems:
+            stem = f"{files[0].parent.name}_{stem}"
+        base, n = stem, 1
+        while stem in stems:
+            stem, n = f"{base}_{n}", n + 1
+        stems.append(stem)
+    return stems
+
+
+def load_checkpoint(task: BaseTask, path: str) -> None:
+    """Load a Lightning checkpoint's weights; mismatches name the keys."""
+    if not Path(path).is_file():
+        raise UserInputError(f"--ckpt_path {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise UserInputError(f"--ckpt_path {path} holds no state dict")
+    result = task.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserInputError(
+            f"--ckpt_path {path} does not match the model built from the config (was it trained with "
+            f"another backbone, decoder or strategy?): missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def scene_spec(data: Any) -> SceneSpec:
+    """Layers, band count, dtype and RGB positions from the training datamodule's config."""
+    layers = data.layers
+    dtype = None
+    chips = getattr(data, "split_chips", {}).get("train") or []
+    if chips and chips[0].image.is_file():
+        with rasterio.open(chips[0].image) as src:
+            dtype = src.dtypes[0]
+    names = data.bands or []
+    rgb = [names.index(b) for b in ("RED", "GREEN", "BLUE")] if {"RED", "GREEN", "BLUE"} <= set(names) else None
+    return SceneSpec(layers, len(data.file_bands) if data.file_bands else None, dtype, rgb)
+
+
+def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
+    """``workbench predict --config fit.yaml --ckpt_path X.ckpt --inputs ... --output_dir DIR``."""
+    parser = config_parser(
+        "workbench predict",
+        "Predict whole GeoTIFF scenes (any size) with the model and preprocessing of a fit config.",
+        ("data", "model", "ckpt_path"),
+    )
+    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by `workbench fit`")
+    parser.add_argument("--inputs", type=str, nargs="+", required=True,
+                        help="GeoTIFF files, globs or folders; `a.tif,b.tif` = one scene, one file per frame")
+    parser.add_argument("--output_dir", type=str, default="predictions", help="folder for the outputs")
+    parser.add_argument("--window", type=int | None, default=None, help="window size (default: chip size or 224)")
+    parser.add_argument("--overlap", type=int | None, default=None, help="overlap in pixels (default: window/4)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--probabilities", type=bool, default=False, help="also write class probabilities")
+    parser.add_argument("--quicklook", type=bool, default=True, help="write a PNG quicklook per scene")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    cfg = parser.parse_args(args)
+    scenes = expand_inputs(cfg.inputs)
+    init = parser.instantiate_classes(cfg)
+    data, task = init.data, init.model
+    data.prepare_data()
+    load_checkpoint(task, cfg.ckpt_path)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    window = cfg.window or getattr(data, "chip_size", None) or 224
+    overlap = cfg.overlap if cfg.overlap is not None else window // 4
+    predictor = TiledPredictor(
+        task.to(device), data.preprocessor(), scene_spec(data), window, overlap, cfg.batch_size, data.nodata
+    )
+    out_dir = Path(cfg.output_dir)
+    written = {}
+    for files, stem in zip(scenes, scene_stems(scenes)):
+        written[stem] = predictor.predict_scene(files, out_dir, stem, cfg.probabilities, cfg.quicklook)
+        print(f"workbench: {stem} → {', '.join(str(p) for p in written[stem].values())}")
+    return written

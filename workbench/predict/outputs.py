@@ -1,0 +1,162 @@
+"""Per-scene outputs written as rows finish: a uint8 class map, optional float32 probabilities,
+and a PNG quicklook. Files appear under their final names only when complete."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from PIL import Image
+from rasterio.windows import Window
+
+CLASS_NODATA = 255
+PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]
+QUICKLOOK_SIZE = 512
+
+
+def class_colors(class_names: list[str]) -> dict[int, tuple[int, int, int]]:
+    """A colour per class; ``water`` is blue and ``land`` is green when so named."""
+    named = {"water": (31, 119, 180), "land": (44, 160, 44), "background": (0, 0, 0)}
+    return {i: named.get(n.lower(), PALETTE[i % len(PALETTE)]) for i, n in enumerate(class_names)}
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+class _BlockRows:
+    """An open tiled GeoTIFF fed with row strips, written in whole block rows."""
+
+    def __init__(self, path: Path, profile: dict, count: int, dtype: str, nodata: float, block: int) -> None:
+        self.block = block
+        self.dataset = rasterio.open(
+            path, "w", driver="GTiff", height=profile["height"], width=profile["width"], count=count,
+            dtype=dtype, crs=profile["crs"], transform=profile["transform"], nodata=nodata,
+            tiled=True, blockxsize=block, blockysize=block, compress="deflate",
+        )
+        self.pending: list[np.ndarray] = []
+        self.next_row = 0
+
+    def write(self, rows: np.ndarray, final: bool = False) -> None:
+        """Append ``(count, r, W)`` rows; flush whole block rows (and the rest when ``final``)."""
+        self.pending.append(rows)
+        buffered = sum(p.shape[1] for p in self.pending)
+        if buffered < self.block and not final:
+            return
+        data = np.concatenate(self.pending, axis=1)
+        keep = data.shape[1] if final else data.shape[1] // self.block * self.block
+        self.dataset.write(data[:, :keep], window=Window(0, self.next_row, data.shape[2], keep))
+        self.next_row += keep
+        self.pending = [data[:, keep:]] if keep < data.shape[1] else []
+
+
+class SceneWriter:
+    """Streams one scene's predictions to ``<stem>_classes.tif`` (+ ``_probabilities.tif``,
+    ``_quicklook.png``) in ``out_dir``; Cloud-Optimized GeoTIFF layout, same CRS/transform/size.
+
+    Use as a context manager: on error the partial files are removed.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        stem: str,
+        profile: dict,
+        class_names: list[str],
+        probabilities: bool = False,
+        quicklook: bool = True,
+        block: int = 256,
+    ) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.class_names = class_names
+        self.paths = {"classes": out_dir / f"{stem}_classes.tif"}
+        if probabilities:
+            self.paths["probabilities"] = out_dir / f"{stem}_probabilities.tif"
+        if quicklook:
+            self.paths["quicklook"] = out_dir / f"{stem}_quicklook.png"
+        self.height, self.width = profile["height"], profile["width"]
+        self.step = max(1, math.ceil(max(self.height, self.width) / QUICKLOOK_SIZE))
+        self.streams = {"classes": _BlockRows(_tmp(self.paths["classes"]), profile, 1, "uint8", CLASS_NODATA, block)}
+        if probabilities:
+            self.streams["probabilities"] = _BlockRows(
+                _tmp(self.paths["probabilities"]), profile, len(class_names), "float32", float("nan"), block
+            )
+        self.small_rgb: list[np.ndarray] = []
+        self.small_classes: list[np.ndarray] = []
+        self.row = 0
+
+    def __enter__(self) -> SceneWriter:
+        return self
+
+    def write(self, probs: np.ndarray, valid: np.ndarray, rgb: np.ndarray | None) -> None:
+        """Next finished rows: ``probs`` ``(K, r, W)``, ``valid`` ``(r, W)``, raw ``rgb`` ``(3, r, W)``."""
+        classes = np.where(valid, probs.argmax(0), CLASS_NODATA).astype(np.uint8)
+        final = self.row + probs.shape[1] >= self.height
+        self.streams["classes"].write(classes[None], final)
+        if "probabilities" in self.streams:
+            self.streams["probabilities"].write(np.where(valid, probs, np.nan).astype(np.float32), final)
+        picked = np.arange(-self.row % self.step, probs.shape[1], self.step)
+        self.small_classes.append(classes[picked, :: self.step])
+        if rgb is not None:
+            self.small_rgb.append(np.where(valid, rgb, np.nan)[:, picked, :: self.step])
+        self.row += probs.shape[1]
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for stream in self.streams.values():
+            stream.dataset.close()
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            for path in self.paths.values():
+                _tmp(path).unlink(missing_ok=True)
+                path.with_name(f".{path.stem}.cog{path.suffix}").unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        classes_tmp = _tmp(self.paths["classes"])
+        with rasterio.open(classes_tmp, "r+") as dst:
+            dst.write_colormap(1, {i: (*c, 255) for i, c in class_colors(self.class_names).items()})
+            dst.update_tags(class_names=json.dumps(self.class_names))
+            dst.set_band_description(1, "class")
+        if "probabilities" in self.paths:
+            with rasterio.open(_tmp(self.paths["probabilities"]), "r+") as dst:
+                for i, name in enumerate(self.class_names, start=1):
+                    dst.set_band_description(i, f"probability_{name}")
+        for key, resampling in (("classes", "NEAREST"), ("probabilities", "AVERAGE")):
+            if key in self.paths:
+                self._to_cog(_tmp(self.paths[key]), self.paths[key], resampling)
+        if "quicklook" in self.paths:
+            self._write_quicklook()
+
+    @staticmethod
+    def _to_cog(src: Path, dst: Path, resampling: str) -> None:
+        staging = dst.with_name(f".{dst.stem}.cog{dst.suffix}")
+        rasterio.shutil.copy(
+            src, staging, driver="COG", compress="DEFLATE", blocksize=256, overview_resampling=resampling
+        )
+        staging.replace(dst)
+
+    def _write_quicklook(self) -> None:
+        classes = np.concatenate(self.small_classes, axis=0)
+        colors = np.zeros((256, 3), dtype=np.uint8)
+        for i, c in class_colors(self.class_names).items():
+            colors[i] = c
+        panels = [colors[classes]]
+        if self.small_rgb:
+            rgb = np.concatenate(self.small_rgb, axis=1).astype(np.float64)
+            low, high = np.nanpercentile(rgb, 2, axis=(1, 2)), np.nanpercentile(rgb, 98, axis=(1, 2))
+            scaled = (rgb - low[:, None, None]) / np.maximum(high - low, 1e-9)[:, None, None]
+            panels.insert(0, (np.nan_to_num(np.clip(scaled, 0, 1)) * 255).astype(np.uint8).transpose(1, 2, 0))
+        gap = np.full((classes.shape[0], 8, 3), 255, dtype=np.uint8)
+        image = np.concatenate([panels[0], gap, panels[1]], axis=1) if len(panels) == 2 else panels[0]
+        staging = _tmp(self.paths["quicklook"])
+        Image.fromarray(image).save(staging, format="PNG")
+        staging.replace(self.paths["quicklook"])
