@@ -10,73 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_segmentation_chips
+from tests.conftest import TINY_BACKBONE, write_config
 from workbench.cli import main
-
-TINY_BACKBONE = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32, "num_frames": 1}
-
-
-def write_config(tmp_path: Path, **changes: dict) -> Path:
-    """A tiny fit config over generated chips; ``changes`` update sections (deep for init_args)."""
-    chips = make_segmentation_chips(tmp_path / "chips", n=24, size=32)
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 6,
-            "accelerator": "cpu",
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"monitor": "val/mIoU", "mode": "max"},
-                },
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"filename": "last"},
-                },
-                {"class_path": "workbench.export.ExportWeights"},
-            ],
-        },
-        "model": {
-            "class_path": "workbench.tasks.SegmentationTask",
-            "init_args": {
-                "backbone": "prithvi_eo_v2_tiny_tl",
-                "backbone_kwargs": dict(TINY_BACKBONE),
-                "decoder": "fcn",
-                "decoder_channels": 16,
-                "strategy": {
-                    "class_path": "workbench.strategies.LoRA",
-                    "init_args": {"rank": 4, "alpha": 8},
-                },
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
-            },
-        },
-        "data": {
-            "class_path": "datamodules.GeoSegmentationDataModule",
-            "init_args": {
-                "layout": "glob",
-                "root": chips["root"],
-                "images": chips["images"],
-                "masks": chips["masks"],
-                "num_classes": 2,
-                "mean": [0.5] * 6,
-                "std": [0.25] * 6,
-                "batch_size": 4,
-                "num_workers": 0,
-            },
-        },
-    }
-    for section, update in changes.items():
-        target = config[section]["init_args"] if "init_args" in config[section] else config[section]
-        target.update(update)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def epoch_losses(run_dir: Path) -> list[float]:

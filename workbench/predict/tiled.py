@@ -21,6 +21,9 @@ from workbench.predict.windows import WindowPlan, blend_weights
 from workbench.tasks.base import BaseTask
 
 
+GDAL_CACHE_MB = 64
+
+
 @dataclass(frozen=True)
 class SceneSpec:
     """What a scene must look like: the layers to read and, when known, band count and dtype."""
@@ -127,6 +130,7 @@ class TiledPredictor:
     ) -> dict[str, Path]:
         """Predict one scene into ``out_dir``; returns the written paths by kind."""
         with ExitStack() as stack:
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))  # bounded block cache
             reader = SceneReader(files, self.spec, self.preprocess.num_frames, stack)
             nodata = self.nodata if self.nodata is not None else reader.nodata
             height, width = reader.profile["height"], reader.profile["width"]

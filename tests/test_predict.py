@@ -1,0 +1,181 @@
+"""Whole-scene prediction: blending, georeference, nodata, bad scenes, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from rasterio.transform import from_origin
+from torch import Tensor, nn
+
+from datamodules.normalize import Preprocessor
+from tests.conftest import TINY_BACKBONE, write_config, write_geotiff
+from workbench.cli import main
+from workbench.errors import UserInputError
+from workbench.predict import SceneSpec, TiledPredictor, WindowPlan, blend_weights
+from workbench.tasks import SegmentationTask
+
+MEAN, STD = [0.5] * 6, [0.25] * 6
+
+
+class PixelwiseTask(nn.Module):
+    """A per-pixel model (1×1 conv): tiled and whole-image outputs must agree exactly."""
+
+    class_names = ["a", "b", "c"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(6, 3, 1)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.conv(batch["image"]).softmax(1)
+
+
+def scene(tmp_path: Path, size: tuple[int, int], nodata: float | None = None, bands: int = 6) -> Path:
+    rng = np.random.default_rng(1)
+    array = rng.random((bands, *size), dtype=np.float32)
+    transform = from_origin(500000.0, 4200000.0, 30.0, 30.0)
+    return write_geotiff(tmp_path / "scene.tif", array, crs="EPSG:32633", transform=transform, nodata=nodata)
+
+
+def predictor(task: nn.Module, window: int, overlap: int) -> TiledPredictor:
+    return TiledPredictor(task, Preprocessor(MEAN, STD), SceneSpec(list(range(6)), 6, "float32", [2, 1, 0]),
+                          window=window, overlap=overlap, batch_size=3)
+
+
+def read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def test_window_plan_covers_scene_and_weights_taper() -> None:
+    plan = WindowPlan(100, 70, 32, 8)
+    assert plan.rows[0] == 0 and plan.rows[-1] == 100 - 32
+    assert all(b - a <= 24 for a, b in zip(plan.rows, plan.rows[1:]))
+    assert plan.cols[-1] == 70 - 32 and len(plan) == len(plan.rows) * len(plan.cols)
+    w = blend_weights(32, 8)
+    assert w[16, 16] == 1.0 and 0 < w[0, 0] < w[4, 4] < w[16, 16]
+    with pytest.raises(UserInputError, match="overlap"):
+        WindowPlan(10, 10, 8, 8)
+
+
+@pytest.mark.parametrize(("window", "overlap"), [(32, 8), (48, 16), (64, 0)])
+def test_blended_tiles_equal_whole_image(tmp_path: Path, window: int, overlap: int) -> None:
+    """With a per-pixel model, any tiling must reproduce the whole-image output (no seams)."""
+    path = scene(tmp_path, (90, 75))
+    task = PixelwiseTask()
+    out = predictor(task, window, overlap).predict_scene([path], tmp_path / "out", "s", probabilities=True)
+    image, _ = Preprocessor(MEAN, STD)(read(path), None)
+    expected = task.predict_step({"image": image[None]}, 0)[0].detach().numpy()
+    np.testing.assert_allclose(read(out["probabilities"]), expected, atol=1e-5)
+    np.testing.assert_array_equal(read(out["classes"])[0], expected.argmax(0))
+
+
+def test_tiled_equals_model_when_scene_fits_one_window(tmp_path: Path) -> None:
+    path = scene(tmp_path, (64, 64))
+    task = SegmentationTask(num_classes=2, class_names=["land", "water"], decoder="fcn", decoder_channels=8,
+                            backbone_kwargs=TINY_BACKBONE).eval()
+    out = predictor(task, 64, 16).predict_scene([path], tmp_path / "out", "s", probabilities=True)
+    image, _ = Preprocessor(MEAN, STD)(read(path), None)
+    with torch.no_grad():
+        expected = task(image[None]).softmax(1)[0].numpy()
+    np.testing.assert_allclose(read(out["probabilities"]), expected, atol=1e-5)
+
+
+def test_outputs_keep_georeference_nodata_and_metadata(tmp_path: Path) -> None:
+    path = scene(tmp_path, (50, 70), nodata=-1.0)
+    with rasterio.open(path, "r+") as dst:  # a nodata corner
+        corner = dst.read()
+        corner[:, :10, :12] = -1.0
+        dst.write(corner)
+    out = predictor(PixelwiseTask(), 32, 8).predict_scene([path], tmp_path / "out", "s", probabilities=True)
+    with rasterio.open(path) as src, rasterio.open(out["classes"]) as cls:
+        assert (cls.crs, cls.transform, cls.shape) == (src.crs, src.transform, src.shape)
+        assert cls.dtypes[0] == "uint8" and cls.nodata == 255
+        assert json.loads(cls.tags()["class_names"]) == ["a", "b", "c"]
+        assert set(cls.colormap(1)) >= {0, 1, 2}
+        classes = cls.read(1)
+    assert (classes[:10, :12] == 255).all() and (classes[10:, 12:] != 255).all()
+    probs = read(out["probabilities"])
+    assert np.isnan(probs[:, :10, :12]).all() and not np.isnan(probs[:, 10:, 12:]).any()
+    assert out["quicklook"].is_file() and out["quicklook"].stat().st_size > 0
+    assert not list((tmp_path / "out").glob(".*"))  # no partial files left
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    path = scene(tmp_path, (40, 40))
+    task = SegmentationTask(num_classes=2, decoder="fcn", decoder_channels=8, backbone_kwargs=TINY_BACKBONE)
+    runs = [predictor(task, 32, 8).predict_scene([path], tmp_path / f"out{i}", "s", probabilities=True)
+            for i in range(2)]
+    assert np.array_equal(read(runs[0]["probabilities"]), read(runs[1]["probabilities"]), equal_nan=True)
+
+
+def test_band_count_mismatch_fails_clearly_without_output(tmp_path: Path) -> None:
+    path = scene(tmp_path, (40, 40), bands=4)
+    with pytest.raises(UserInputError, match="has 4 bands"):
+        predictor(PixelwiseTask(), 32, 8).predict_scene([path], tmp_path / "out", "s")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+FULL = {"strategy": {"class_path": "workbench.strategies.Full"}}
+
+
+def fit_checkpoint(tmp_path: Path, **changes: dict) -> tuple[Path, Path]:
+    """A config and a checkpoint of a Full-strategy (untrained) model, as `workbench fit` saves it."""
+    config = write_config(tmp_path, **changes)
+    model_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    task = SegmentationTask(num_classes=2, class_names=["0", "1"], decoder=model_args["decoder"],
+                            decoder_channels=model_args["decoder_channels"], backbone_kwargs=TINY_BACKBONE)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": task.state_dict()}, ckpt)
+    return config, ckpt
+
+
+def test_cli_predicts_folder_with_distinct_names(tmp_path: Path) -> None:
+    config, ckpt = fit_checkpoint(tmp_path)  # the config's strategy is LoRA
+    scenes = tmp_path / "scenes"
+    for name in ("north", "south"):
+        write_geotiff(scenes / f"{name}.tif", np.random.default_rng(0).random((6, 40, 56), dtype=np.float32))
+    # a checkpoint of a Full model does not fit the config's LoRA model: refused clearly
+    assert main(["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--inputs", str(scenes)]) == 2
+    config = write_config(tmp_path, model=FULL)
+    out = tmp_path / "pred"
+    args = ["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--inputs", str(scenes),
+            "--output_dir", str(out), "--window", "32"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*_classes.tif")) == ["north_classes.tif", "south_classes.tif"]
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, i.e. the test process's own peak.
+MEMORY_SCRIPT = """
+import re, sys
+from pathlib import Path
+from workbench.cli import main
+assert main(sys.argv[1:]) == 0
+print(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+"""
+
+
+def test_peak_memory_does_not_grow_with_scene_size(tmp_path: Path) -> None:
+    """A 4x larger scene must not need 4x the memory: measure peak RSS of two runs."""
+    config, ckpt = fit_checkpoint(tmp_path, model=FULL)
+    peaks = []
+    for side in (1024, 2048):
+        path = tmp_path / f"scene_{side}.tif"
+        write_geotiff(path, np.random.default_rng(0).random((6, side, side), dtype=np.float32))
+        args = ["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--inputs", str(path),
+                "--output_dir", str(tmp_path / "pred"), "--window", "128", "--batch_size", "16",
+                "--quicklook", "false"]
+        result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks.append(int(result.stdout.split()[-1]) / 1024)  # MiB
+    # The larger scene holds 72 MiB more pixels; a whole-scene approach would grow by that much.
+    assert peaks[1] - peaks[0] < 25, f"peak RSS {peaks[0]:.0f} MiB -> {peaks[1]:.0f} MiB"
