@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import yaml
 
 from tests.conftest import TINY_BACKBONE, write_config
@@ -103,3 +105,17 @@ def test_stats_command_writes_band_stats(tmp_path: Path) -> None:
     stats = yaml.safe_load(out.read_text())
     assert len(stats["mean"]) == 6 and len(stats["std"]) == 6
     assert all(s > 0 for s in stats["std"])
+
+
+def test_data_errors_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path, data={"file_bands": ["B", "G", "R", "N"], "bands": ["B", "G", "R", "N"],
+                                          "mean": [0.5] * 4, "std": [0.25] * 4})
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "has 6 bands but 4 are expected" in capsys.readouterr().err
+    config = write_config(tmp_path)
+    mask = sorted((tmp_path / "chips" / "masks").glob("*.tif"))[0]
+    with rasterio.open(mask, "r+") as dst:
+        dst.write(np.full((1, 32, 32), 9, np.uint8))
+    assert main(["fit", "--config", str(config), "--trainer.max_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert mask.name in err and "[9]" in err

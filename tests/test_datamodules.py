@@ -1,0 +1,188 @@
+"""GeoTIFF datamodules: layouts, splits, bands, normalisation, nodata, errors, embedded data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from datamodules import GeoSegmentationDataModule
+from datamodules.bands import SENTINEL2_BANDS
+from datamodules.normalize import write_band_stats
+from datamodules.samples import build_sentinel2_water
+from tests.conftest import make_segmentation_chips, write_geotiff
+from workbench.errors import UserInputError
+
+
+def layered(bands: int, size: int = 16, dtype: str = "float32") -> np.ndarray:
+    """Layer i holds the constant value i + 1, so a selection is visible in the pixels."""
+    return (np.arange(1, bands + 1, dtype=dtype)[:, None, None] * np.ones((bands, size, size), dtype))
+
+
+def glob_module(chips: dict, **kwargs) -> GeoSegmentationDataModule:
+    args = {"root": chips["root"], "images": chips["images"], "masks": chips["masks"], "mean": [0.0] * 6,
+            "std": [1.0] * 6, "augment": False}
+    return GeoSegmentationDataModule(**{**args, **kwargs})
+
+
+def test_glob_ratio_split_partitions_chips(tmp_path: Path) -> None:
+    chips = make_segmentation_chips(tmp_path, n=10, size=16)
+    dm = glob_module(chips)
+    splits = {s: {c.image for c in dm.split_chips[s]} for s in ("train", "val", "test")}
+    assert sum(len(v) for v in splits.values()) == 10
+    assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"] or splits["val"] & splits["test"])
+    assert splits == {s: {c.image for c in glob_module(chips).split_chips[s]} for s in splits}
+
+
+def test_windows_from_large_file_split_by_block_without_overlap(tmp_path: Path) -> None:
+    write_geotiff(tmp_path / "big.tif", np.random.default_rng(0).random((6, 128, 128), dtype=np.float32))
+    write_geotiff(tmp_path / "big_mask.tif", np.zeros((1, 128, 128), np.uint8))
+    dm = GeoSegmentationDataModule(root=str(tmp_path), images="big.tif", masks="big_mask.tif", chip_size=32,
+                                   split_block=2, mean=[0.0] * 6, std=[1.0] * 6)
+    blocks = {}
+    for split, chips in dm.split_chips.items():
+        for chip in chips:
+            blocks.setdefault((chip.window.row_off // 64, chip.window.col_off // 64), set()).add(split)
+    assert sum(len(c) for c in dm.split_chips.values()) == 16 and len(blocks) == 4
+    assert all(len(s) == 1 for s in blocks.values())  # a 2x2 block of chips never straddles splits
+    assert dm.dataset("train")[0]["image"].shape == (6, 32, 32)
+
+
+def sen1floods11_tree(root: Path, pixels: np.ndarray) -> None:
+    base = root / "v1.1" / "data" / "flood_events" / "HandLabeled"
+    for i, split in enumerate(("train", "valid", "test")):
+        name = f"Ghana_{i}"
+        write_geotiff(base / "S2Hand" / f"{name}_S2Hand.tif", layered(13))
+        write_geotiff(base / "LabelHand" / f"{name}_LabelHand.tif", pixels[None].astype(np.int16))
+        csv = root / "v1.1" / "splits" / "flood_handlabeled" / f"flood_{split}_data.csv"
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        csv.write_text(f"{name}_S1Hand.tif,{name}_LabelHand.tif\n")
+
+
+def test_sen1floods11_layout_bands_and_nodata_labels(tmp_path: Path) -> None:
+    label = np.zeros((16, 16), np.int16)
+    label[:4] = -1
+    label[8:] = 1
+    sen1floods11_tree(tmp_path, label)
+    dm = GeoSegmentationDataModule(root=str(tmp_path), layout="sen1floods11",
+                                   bands=["BLUE", "B03", "b4", "B8A", "SWIR_1", "B12"], mean=[0.0] * 6,
+                                   std=[1.0] * 6, augment=False)
+    assert dm.bands == ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
+    sample = dm.dataset("val")[0]
+    expected = [SENTINEL2_BANDS.index(b) + 1 for b in ("B2", "B3", "B4", "B8A", "B11", "B12")]
+    assert sample["image"][:, 0, 0].tolist() == expected
+    assert (sample["mask"][:4] == 255).all() and (sample["mask"][8:] == 1).all()
+    assert {len(v) for v in dm.split_chips.values()} == {1}
+
+
+def test_burn_scars_layout_uses_validation_as_test(tmp_path: Path) -> None:
+    for folder in ("training", "validation"):
+        write_geotiff(tmp_path / folder / "subsetted_512x512_HLS.S30.T10SEH.2018190.v1.4_merged.tif", layered(6))
+        write_geotiff(tmp_path / folder / "subsetted_512x512_HLS.S30.T10SEH.2018190.v1.4.mask.tif",
+                      np.zeros((1, 16, 16), np.int16))
+    dm = GeoSegmentationDataModule(root=str(tmp_path), layout="burn_scars", bands=[3], mean=[0.0], std=[1.0])
+    assert dm.split_chips["test"] == dm.split_chips["val"] != dm.split_chips["train"]
+    assert dm.bands == ["NIR_NARROW"] and dm.dataset("train")[0]["image"][0, 0, 0] == 4.0
+
+
+def test_normalisation_nodata_and_label_map(tmp_path: Path) -> None:
+    image = layered(3)
+    image[:, 0, :5] = -9999.0
+    write_geotiff(tmp_path / "images" / "a.tif", image, nodata=-9999.0)
+    mask = np.full((1, 16, 16), 7, np.uint8)
+    write_geotiff(tmp_path / "masks" / "a.tif", mask)
+    dm = GeoSegmentationDataModule(root=str(tmp_path), images="images/*.tif", masks="masks/*.tif",
+                                   mean=[1.0, 1.0, 1.0], std=[2.0, 4.0, 1.0], label_map={7: 1},
+                                   split_ratios=(1.0, 0.0, 0.0), augment=False)
+    sample = dm.dataset("train")[0]
+    assert sample["image"][:, 5, 5].tolist() == [0.0, 0.25, 2.0]
+    assert (sample["image"][:, 0, :5] == 0).all() and (sample["mask"][0, :5] == 255).all()
+    assert (sample["mask"][1:] == 1).all()
+
+
+def test_temporal_files_reshape_frame_major(tmp_path: Path) -> None:
+    write_geotiff(tmp_path / "images" / "t.tif", layered(6))  # 2 frames x 3 bands
+    write_geotiff(tmp_path / "masks" / "t.tif", np.zeros((1, 16, 16), np.uint8))
+    dm = GeoSegmentationDataModule(root=str(tmp_path), images="images/*.tif", masks="masks/*.tif",
+                                   num_frames=2, bands=[0, 2], mean=[0.0, 0.0], std=[1.0, 1.0],
+                                   split_ratios=(1.0, 0.0, 0.0), augment=False)
+    image = dm.dataset("train")[0]["image"]
+    assert image.shape == (2, 2, 16, 16)
+    assert image[:, :, 0, 0].tolist() == [[1.0, 4.0], [3.0, 6.0]]
+
+
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path: Path) -> None:
+    chips = make_segmentation_chips(tmp_path, n=4, size=16)
+    dm = glob_module(chips, augment=True, split_ratios=(1.0, 0.0, 0.0))
+    ds = dm.dataset("train")
+    for seed in range(8):
+        torch.manual_seed(seed)
+        sample = ds[0]
+        water = (sample["image"][1] > sample["image"][3]).long()
+        assert torch.equal(water, sample["mask"])
+
+
+def test_band_stats_file_round_trip(tmp_path: Path) -> None:
+    chips = make_segmentation_chips(tmp_path, n=6, size=16)
+    dm = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"])
+    stats = write_band_stats(dm, tmp_path / "stats.json")
+    pixels = np.concatenate([rasterio.open(c.image).read().reshape(6, -1) for c in dm.split_chips["train"]], 1)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(stats["std"], pixels.std(1), rtol=1e-4)
+    assert json.loads((tmp_path / "stats.json").read_text())["bands"] == ["A", "B", "C", "D", "E", "F"]
+    dm2 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"],
+                      stats_file=str(tmp_path / "stats.json"))
+    assert dm2.preprocessor().mean == stats["mean"]
+    dm3 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"], bands=["A"],
+                      stats_file=str(tmp_path / "stats.json"))
+    with pytest.raises(UserInputError, match="recompute"):
+        dm3.preprocessor()
+
+
+def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
+    chips = make_segmentation_chips(tmp_path, n=4, size=16)
+    with pytest.raises(UserInputError, match="not a folder"):
+        glob_module(chips, root=str(tmp_path / "nope")).split_chips
+    with pytest.raises(UserInputError, match="matches no file"):
+        glob_module(chips, images="imgs/*.tif").split_chips
+    with pytest.raises(UserInputError, match="4 files but data.masks matches 3"):
+        (tmp_path / "masks" / "chip_000.tif").rename(tmp_path / "extra.tif")
+        glob_module(chips).split_chips
+    (tmp_path / "extra.tif").rename(tmp_path / "masks" / "chip_000.tif")
+    with pytest.raises(UserInputError, match=r"unknown band 'NIR'.*\['A'"):
+        glob_module(chips, file_bands=["A", "B", "C", "D", "E", "F"], bands=["NIR"])
+    with pytest.raises(UserInputError, match=r"chip_00\d.tif has 6 bands but 4"):
+        glob_module(chips, file_bands=["A", "B", "C", "D"], bands=[0], mean=[0.0], std=[1.0]).dataset("train")[0]
+    with pytest.raises(UserInputError, match="workbench stats"):
+        glob_module(chips, mean=None, std=None).preprocessor()
+    with pytest.raises(UserInputError, match="data.mean has 2 values but 6 bands"):
+        glob_module(chips, mean=[0.0, 0.0], std=[1.0, 1.0]).preprocessor()
+    write_geotiff(tmp_path / "masks" / "chip_001.tif", np.full((1, 16, 16), 5, np.uint8))
+    dm = glob_module(chips, split_ratios=(1.0, 0.0, 0.0))
+    with pytest.raises(UserInputError, match=r"chip_001.tif has values \[5\]"):
+        [dm.dataset("train")[i] for i in range(4)]
+
+
+def test_embedded_builder_on_synthetic_bands(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    src = tmp_path / "s2"
+    fine, coarse = from_origin(435730.0, 4179460.0, 10.0, 10.0), from_origin(435730.0, 4179460.0, 20.0, 20.0)
+    bands = {}
+    for name in ("B02", "B03", "B04", "B08", "B8A", "B11", "B12"):
+        size, transform = (64, fine) if name in ("B02", "B03", "B04", "B08") else (32, coarse)
+        bands[name] = rng.integers(100, 4000, (1, size, size)).astype(np.uint16)
+        write_geotiff(src / f"s2_{name}.jp2", bands[name], transform=transform)
+    paths = build_sentinel2_water(src, tmp_path / "out")
+    with rasterio.open(paths["image"]) as img, rasterio.open(paths["mask"]) as mask:
+        assert img.count == 6 and img.shape == (64, 64) and img.transform == fine
+        assert img.descriptions == ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
+        assert np.array_equal(img.read(2), bands["B03"][0])
+        green, nir = bands["B03"][0].astype(float), bands["B08"][0].astype(float)
+        assert np.array_equal(mask.read(1), ((green - nir) / (green + nir) > 0).astype(np.uint8))
+    assert len(json.loads(paths["stats"].read_text())["mean"]) == 6
+    assert not list((tmp_path / "out").glob("*tmp*"))
