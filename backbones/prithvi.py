@@ -203,6 +203,24 @@ class PrithviViT(nn.Module):
             )
         return x
 
+    def embed(
+        self,
+        x: Tensor,
+        temporal_coords: Tensor | None = None,
+        location_coords: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[int, int, int]]:
+        """``(B, C, [T,] H, W)`` → patch tokens with positions and coordinates ``(B, N, D)`` (no
+        cls token) and the token grid ``(T', H/p, W/p)``."""
+        x = self._check_input(x)
+        _, _, t, h, w = x.shape
+        grid = (t // self.patch_size[0], h // self.patch_size[1], w // self.patch_size[2])
+        tokens = self.patch_embed(x) + self._position_embedding(grid, x.device)
+        if self.temporal_embed_enc is not None and temporal_coords is not None:
+            tokens = tokens + self.temporal_embed_enc(temporal_coords.to(x.dtype), grid[1] * grid[2])
+        if self.location_embed_enc is not None and location_coords is not None:
+            tokens = tokens + self.location_embed_enc(location_coords.to(x.dtype))
+        return tokens, grid
+
     def forward_features(
         self,
         x: Tensor,
@@ -210,15 +228,8 @@ class PrithviViT(nn.Module):
         location_coords: Tensor | None = None,
     ) -> list[Tensor]:
         """``(B, C, [T,] H, W)`` → list of ``(B, D*T', H/p, W/p)``, one per ``out_indices``."""
-        x = self._check_input(x)
-        b, _, t, h, w = x.shape
-        grid = (t // self.patch_size[0], h // self.patch_size[1], w // self.patch_size[2])
-        tokens = self.patch_embed(x) + self._position_embedding(grid, x.device)
-        if self.temporal_embed_enc is not None and temporal_coords is not None:
-            tokens = tokens + self.temporal_embed_enc(temporal_coords.to(x.dtype), grid[1] * grid[2])
-        if self.location_embed_enc is not None and location_coords is not None:
-            tokens = tokens + self.location_embed_enc(location_coords.to(x.dtype))
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        tokens, grid = self.embed(x, temporal_coords, location_coords)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         features = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -227,6 +238,15 @@ class PrithviViT(nn.Module):
                 out = self._to_map((self.norm(tokens) if i == last else tokens)[:, 1:], grid)
                 features.extend([out] * self.out_indices.count(i))
         return features
+
+    def forward_visible(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """MAE encoder pass over the kept tokens only: ``tokens`` ``(B, N, D)`` from :meth:`embed`,
+        ``keep`` ``(B, K)`` token indices → normed ``(B, 1 + K, D)`` (cls first)."""
+        visible = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        out = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), visible], dim=1)
+        for block in self.blocks:
+            out = block(out)
+        return self.norm(out)
 
     @staticmethod
     def _to_map(tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:

@@ -112,6 +112,7 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
         split_block: int = 3,
         split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
         seed: int = 0,
+        train_fraction: float = 1.0,
         augment: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -124,7 +125,8 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
             chip_size: chip side in pixels (10 m).
             split_block: chips per block side; blocks are assigned to splits.
             split_ratios: train/val/test fractions of the blocks.
-            seed: seed of the split.
+            seed: seed of the split and of the ``train_fraction`` subset.
+            train_fraction: train on this seeded fraction of the training chips.
             augment: random flips and rotations on the training split.
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
@@ -147,6 +149,7 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
             split_ratios=split_ratios,
             split_block=split_block,
             seed=seed,
+            train_fraction=train_fraction,
             augment=augment,
             batch_size=batch_size,
             num_workers=num_workers,

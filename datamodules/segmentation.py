@@ -53,6 +53,7 @@ class GeoSegmentationDataModule(LightningDataModule):
         split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
         split_block: int = 1,
         seed: int = 0,
+        train_fraction: float = 1.0,
         augment: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -79,7 +80,8 @@ class GeoSegmentationDataModule(LightningDataModule):
             splits: ``{train, val, test}`` → text/CSV file listing image file names.
             split_ratios: train/val/test fractions when no split files are given.
             split_block: windows per block side for the ratio split.
-            seed: seed of the ratio split.
+            seed: seed of the ratio split and of the ``train_fraction`` subset.
+            train_fraction: train on this seeded fraction of the training chips (val/test unchanged).
             augment: random flips and rotations on the training split.
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
@@ -90,6 +92,8 @@ class GeoSegmentationDataModule(LightningDataModule):
             raise UserInputError("data.images: the glob layout needs an image pattern, e.g. 'images/*.tif'")
         if class_names is not None and len(class_names) != num_classes:
             raise UserInputError(f"data.class_names has {len(class_names)} names for num_classes={num_classes}")
+        if not 0.0 < train_fraction <= 1.0:
+            raise UserInputError(f"data.train_fraction {train_fraction} must be in (0, 1]")
         if abs(sum(split_ratios) - 1.0) > 1e-6:
             raise UserInputError(f"data.split_ratios {list(split_ratios)} must sum to 1")
         self.root = Path(root)
@@ -110,6 +114,7 @@ class GeoSegmentationDataModule(LightningDataModule):
         self.split_ratios = split_ratios
         self.split_block = split_block
         self.seed = seed
+        self.train_fraction = train_fraction
         self.augment = augment
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -159,9 +164,15 @@ class GeoSegmentationDataModule(LightningDataModule):
         """Chips of each split (``train``, ``val``, ``test``); headers are opened, pixels are not."""
         pairs = self._pairs()
         if isinstance(pairs, dict):
-            return {split: [chip for _, chip in self._chips(p)] for split, p in pairs.items()}
-        keyed = self._chips(pairs)
-        return self._listed_split(keyed) if self.splits else self._ratio_split(keyed)
+            splits = {split: [chip for _, chip in self._chips(p)] for split, p in pairs.items()}
+        else:
+            keyed = self._chips(pairs)
+            splits = self._listed_split(keyed) if self.splits else self._ratio_split(keyed)
+        if self.train_fraction < 1.0 and splits.get("train"):
+            train = splits["train"]
+            keep = sorted(random.Random(self.seed).sample(range(len(train)), max(1, round(len(train) * self.train_fraction))))
+            splits["train"] = [train[i] for i in keep]
+        return splits
 
     # --- bands and normalisation -------------------------------------------------------------
 

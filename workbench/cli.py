@@ -21,6 +21,8 @@ commands:
   validate   evaluate a checkpoint on the validation split
   test       evaluate a checkpoint on the test split
   predict    map whole GeoTIFF scenes of any size with a trained checkpoint
+  compare    fit one config under several strategies / training fractions / seeds; table + plots
+  merge      merged adapter exports, model soups, task arithmetic and TIES of checkpoints
   stats      compute per-band mean/std over the training split of a config's data
 
 Run `workbench <command> --help` for a command's options, and
@@ -42,6 +44,7 @@ def _lightning_cli_class() -> type:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from workbench.atomic import write_json
+    from workbench.run_stats import RunStats
     from workbench.tasks import BaseTask
 
     class WorkbenchCLI(LightningCLI):
@@ -56,6 +59,10 @@ def _lightning_cli_class() -> type:
             )
             link_data_to_model(parser)
 
+        def before_fit(self) -> None:
+            self.run_stats = RunStats()
+            self.trainer.callbacks.append(self.run_stats)
+
         def after_fit(self) -> None:
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:
                 return
@@ -63,10 +70,17 @@ def _lightning_cli_class() -> type:
             val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             if self.trainer.is_global_zero and self.trainer.log_dir:
+                report = self.model.strategy_report
                 write_json(
                     f"{self.trainer.log_dir}/results.json",
                     {
-                        "strategy": str(self.model.strategy_report),
+                        "strategy": report.strategy,
+                        "summary": str(report),
+                        "trainable": report.trainable,
+                        "total": report.total,
+                        "backbone_trainable": report.backbone_trainable,
+                        "backbone_total": report.backbone_total,
+                        **self.run_stats.summary(),
                         "best_checkpoint": ckpt,
                         "val": val[0] if val else {},
                         "test": test[0] if test else {},
@@ -154,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             from workbench.predict.command import run_predict
 
             run_predict(rest)
+        elif command == "compare":
+            from workbench.compare.command import run_compare
+
+            run_compare(rest)
+        elif command == "merge":
+            from workbench.merge.command import run_merge
+
+            run_merge(rest)
         elif command in LIGHTNING_COMMANDS:
             run_lightning(None if argv is None else args)
         else:

@@ -12,7 +12,7 @@ from workbench.atomic import atomic_path, write_json
 from workbench.tasks.base import BaseTask
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
@@ -24,12 +24,15 @@ def export_weights(task: BaseTask, out_dir: str | Path) -> dict[str, str]:
     neck/decoder/head): small, and applied on top of the same pretrained backbone.
     ``merged.safetensors`` is the whole model with adapters merged into the base weights, in the
     plain (un-adapted) key layout, so it loads into the model built with the ``Full`` strategy
-    at no extra inference cost. Returns the written paths.
+    at no extra inference cost; strategies that cannot be merged (VPT, AdaptFormer) write no
+    ``merged.safetensors``. Returns the written paths.
     """
     out = Path(out_dir)
-    paths = {"adapter": out / "adapter.safetensors", "merged": out / "merged.safetensors"}
-    _save_tensors(task.strategy.trainable_state_dict(task.model), paths["adapter"])
-    _save_tensors(task.strategy.merged(task.model).state_dict(), paths["merged"])
+    paths = {"adapter": out / "adapter.safetensors"}
+    save_tensors(task.strategy.trainable_state_dict(task.model), paths["adapter"])
+    if task.strategy.mergeable:
+        paths["merged"] = out / "merged.safetensors"
+        save_tensors(task.strategy.merged(task.model).state_dict(), paths["merged"])
     write_json(
         out / "export.json",
         {
@@ -42,7 +45,8 @@ def export_weights(task: BaseTask, out_dir: str | Path) -> dict[str, str]:
 
 
 class ExportWeights(Callback):
-    """At the end of ``fit``, export the best checkpoint's weights to ``<log_dir>/<dirname>``."""
+    """At the end of ``fit``, export the best checkpoint's weights to ``<log_dir>/<dirname>``
+    with the task's :meth:`~workbench.tasks.BaseTask.export`."""
 
     def __init__(self, dirname: str = "export") -> None:
         self.dirname = dirname
@@ -54,5 +58,5 @@ class ExportWeights(Callback):
         if best:
             state = torch.load(best, map_location=pl_module.device, weights_only=True)
             pl_module.load_state_dict(state["state_dict"])
-        paths = export_weights(pl_module, Path(trainer.log_dir or ".") / self.dirname)
+        paths = pl_module.export(Path(trainer.log_dir or ".") / self.dirname)
         print(f"workbench: exported {', '.join(paths.values())}")

@@ -6,13 +6,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from heads import PixelHead, build_decoder, build_neck
+from workbench.feature_cache import FeatureCache
 
 
 class EncoderDecoder(nn.Module):
     """``(B, C, [T,] H, W)`` → ``(B, num_outputs, H, W)`` at the input size.
 
     ``freeze_backbone()`` stops gradients into the backbone and keeps it in eval mode (no
-    dropout, drop-path or BN updates) even when the trainer calls ``.train()`` on the model.
+    dropout, drop-path or BN updates) even when the trainer calls ``.train()`` on the model;
+    with ``cache_features`` its features are also cached per sample (see :class:`FeatureCache`).
     """
 
     def __init__(self, backbone: nn.Module, neck: nn.Module | None, decoder: nn.Module, head: nn.Module) -> None:
@@ -22,14 +24,16 @@ class EncoderDecoder(nn.Module):
         self.decoder = decoder
         self.head = head
         self._backbone_frozen = False
+        self.feature_cache: FeatureCache | None = None
 
     @property
     def backbone_frozen(self) -> bool:
         return self._backbone_frozen
 
-    def freeze_backbone(self) -> None:
+    def freeze_backbone(self, cache_features: bool = False, cache_mib: float = 4096) -> None:
         self.backbone.requires_grad_(False)
         self._backbone_frozen = True
+        self.feature_cache = FeatureCache(cache_mib) if cache_features else None
         self.train(self.training)
 
     def train(self, mode: bool = True) -> EncoderDecoder:
@@ -39,7 +43,11 @@ class EncoderDecoder(nn.Module):
         return self
 
     def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
-        features = self.neck(self.backbone.forward_features(image, **backbone_kwargs))
+        if self.feature_cache is not None:
+            features = self.feature_cache(self.backbone, image, **backbone_kwargs)
+        else:
+            features = self.backbone.forward_features(image, **backbone_kwargs)
+        features = self.neck(features)
         out = self.head(self.decoder(features))
         return F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
 

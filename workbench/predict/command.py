@@ -62,6 +62,7 @@ def load_checkpoint(task: BaseTask, path: str) -> None:
     weights = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise UserInputError(f"--ckpt_path {path} holds no state dict")
+    task.on_load_checkpoint(state)
     result = task.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserInputError(

@@ -1,11 +1,36 @@
 """Adaptation strategies: what trains. One ``strategy:`` block in the YAML, any backbone.
 
 Each strategy acts on a built :class:`~workbench.model.EncoderDecoder`, reports exactly what it
-left trainable, and can export adapter-only and merged weights.
+left trainable, and can export adapter-only and (where the method allows) merged weights.
+
+==============  ===========================================================================
+baselines       :class:`Full`, :class:`Frozen`
+peft library    :class:`LoRA` (DoRA, PiSSA, EVA), :class:`LoHa`, :class:`LoKr`, :class:`IA3`,
+                :class:`VeRA`, :class:`OFT`, :class:`BOFT`
+selective       :class:`BitFit`, :class:`NormOnly`, :class:`HalfFineTuning`, :class:`LastBlocks`
+additive        :class:`SSF`, :class:`VPT`, :class:`AdaptFormer`
+==============  ===========================================================================
 """
 
+from workbench.strategies.adapters import AdaptFormer
 from workbench.strategies.base import Strategy, StrategyReport, count_parameters
 from workbench.strategies.baselines import Frozen, Full
-from workbench.strategies.peft_methods import LoRA, PeftStrategy
+from workbench.strategies.peft_methods import BOFT, IA3, OFT, LoHa, LoKr, LoRA, PeftStrategy, VeRA
+from workbench.strategies.prompts import VPT
+from workbench.strategies.selective import BitFit, HalfFineTuning, LastBlocks, NormOnly
+from workbench.strategies.ssf import SSF
 
-__all__ = ["Frozen", "Full", "LoRA", "PeftStrategy", "Strategy", "StrategyReport", "count_parameters"]
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        Full, Frozen, LoRA, LoHa, LoKr, IA3, VeRA, OFT, BOFT,
+        BitFit, NormOnly, HalfFineTuning, LastBlocks, SSF, VPT, AdaptFormer,
+    )
+}  # fmt: skip
+"""Short names (as in ``workbench compare --strategies lora ssf``) → strategy classes."""
+
+__all__ = [
+    "BOFT", "IA3", "OFT", "SSF", "STRATEGIES", "VPT", "AdaptFormer", "BitFit", "Frozen", "Full",
+    "HalfFineTuning", "LastBlocks", "LoHa", "LoKr", "LoRA", "NormOnly", "PeftStrategy", "Strategy",
+    "StrategyReport", "VeRA", "count_parameters",
+]  # fmt: skip

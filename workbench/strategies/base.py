@@ -46,15 +46,30 @@ class Strategy:
     """Base class: subclasses change which parameters of an :class:`EncoderDecoder` train."""
 
     name = "strategy"
+    mergeable = True  # adapters fold into the base weights (no extra inference cost)
+    added_parameters: frozenset[int] = frozenset()
+    init_batches = 0  # training batches :meth:`initialize` wants (0: none)
 
     def apply(self, model: EncoderDecoder) -> StrategyReport:
-        """Adapt ``model`` in place and report the trainable parameters."""
+        """Adapt ``model`` in place and report the trainable parameters.
+
+        Records in :attr:`added_parameters` the ids of the trainable parameters the strategy
+        added to the backbone (adapters, prompts, scale/shift vectors).
+        """
+        before = {id(p) for p in model.backbone.parameters()}
         self.prepare(model)
+        self.added_parameters = frozenset(
+            id(p) for p in model.backbone.parameters() if p.requires_grad and id(p) not in before
+        )
         return StrategyReport.of(self.name, model)
 
     def prepare(self, model: EncoderDecoder) -> None:
         """Freeze, inject or wrap modules of ``model`` in place."""
         raise NotImplementedError
+
+    def initialize(self, model: EncoderDecoder, batches: list[Tensor]) -> None:
+        """Data-driven initialization from a few training images ``(B, C, [T,] H, W)``; most
+        strategies need none. Called once before training starts (not when resuming)."""
 
     def merged(self, model: EncoderDecoder) -> EncoderDecoder:
         """A copy of ``model`` in the plain layout (adapters merged); the base copies as is."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import backbones  # noqa: F401  (registers the workbench backbones with timm)
 from workbench.errors import UserInputError
+from workbench.optim import PARAMETER_GROUPS, parameter_groups
 from workbench.strategies import Full, Strategy, StrategyReport
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class BaseTask(LightningModule):
         strategy: Strategy | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_multipliers: dict[str, float] | None = None,
+        layer_decay: float | None = None,
     ) -> None:
         """
         Args:
@@ -93,7 +96,19 @@ class BaseTask(LightningModule):
             strategy: what trains (``Full``, ``Frozen``, ``LoRA``, ...); None means ``Full``.
             optimizer: optimizer class and its arguments (``class_path``/``init_args``).
             lr_scheduler: optional scheduler class and its arguments.
+            lr_multipliers: learning-rate factor per parameter group: ``backbone`` (the
+                encoder's own weights), ``adapter`` (what the strategy added: LoRA matrices,
+                prompts, SSF vectors, ...) and ``head`` (neck, decoder, head); default 1.
+            layer_decay: layer-wise LR decay for the encoder: block ``i`` of ``L`` gets
+                ``layer_decay ** (L - i)`` (embeddings one step less), e.g. 0.75.
         """
+        unknown = set(lr_multipliers or {}) - set(PARAMETER_GROUPS)
+        if unknown:
+            raise UserInputError(
+                f"model.lr_multipliers: unknown group(s) {sorted(unknown)}; use {', '.join(PARAMETER_GROUPS)}."
+            )
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise UserInputError(f"model.layer_decay {layer_decay} must be in (0, 1], e.g. 0.75")
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer = optimizer
@@ -115,13 +130,60 @@ class BaseTask(LightningModule):
     def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
         return self.model(image, **backbone_kwargs)
 
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        """Loss of ``batch`` (logged, with the metrics of ``stage``: train, val or test)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             print(f"workbench: {self.strategy_report}")
+        if getattr(self.model, "feature_cache", None) is not None and getattr(self.trainer.datamodule, "augment", False):
+            raise UserInputError(
+                "strategy.cache_features needs un-augmented chips (augmented ones never repeat): "
+                "set data.init_args.augment: false, or cache_features: false."
+            )
+        if self.strategy.init_batches and self.trainer.ckpt_path is None:
+            loader = self.trainer.datamodule.train_dataloader()
+            batches = [batch["image"].to(self.device) for batch, _ in zip(loader, range(self.strategy.init_batches))]
+            self.strategy.initialize(self.model, batches)
+            print(f"workbench: {self.strategy.name} initialized from {len(batches)} training batches")
+
+    def on_fit_end(self) -> None:
+        cache = getattr(self.model, "feature_cache", None)
+        if cache is not None and self.trainer.is_global_zero:
+            print(f"workbench: feature cache served {cache.hits} of {cache.hits + cache.misses} encoder passes "
+                  f"({cache.bytes / 2**20:.1f} MiB)")
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
+        hp = self.hparams
+        groups = parameter_groups(self.model, self.strategy.added_parameters, hp.lr_multipliers, hp.layer_decay)
+        optimizer = self.optimizer(groups)
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_scale"]
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    def export(self, out_dir: str | Path) -> dict[str, str]:
+        """Write the fine-tuned weights for use outside Lightning; returns ``{kind: path}``."""
+        from workbench.export import export_weights
+
+        return export_weights(self, out_dir)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["workbench"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "merged": False}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A merged checkpoint (``workbench merge``) holds plain weights: merge the model's
+        adapters first so the keys match."""
+        if checkpoint.get("workbench", {}).get("merged") and self.strategy.mergeable:
+            self.model = self.strategy.merged(self.model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,28 +14,20 @@ from torchmetrics.classification import (
 )
 
 from workbench.errors import UserInputError
-from workbench.model import build_encoder_decoder
-from workbench.tasks.base import BaseTask
-
-BACKBONE_INPUTS = ("temporal_coords", "location_coords")
+from workbench.tasks.dense import DenseTask
 
 
-class SegmentationTask(BaseTask):
+class SegmentationTask(DenseTask):
     """Backbone → neck → decoder → head trained with cross-entropy.
 
-    Batches are dicts with ``image`` ``(B, C, [T,] H, W)`` and ``mask`` ``(B, H, W)`` (int64,
-    ``ignore_index`` where unlabelled), optionally ``temporal_coords`` ``(B, T, 2)`` and
-    ``location_coords`` ``(B, 2)``. Logs loss, per-class IoU, mIoU, macro F1 and accuracy
-    as ``{train,val,test}/<name>``.
+    Batches also hold ``mask`` ``(B, H, W)`` (int64, ``ignore_index`` where unlabelled). Logs
+    loss, per-class IoU, mIoU, macro F1 and accuracy as ``{train,val,test}/<name>``.
     """
 
     def __init__(
         self,
         num_classes: int = 2,
         class_names: list[str] | None = None,
-        decoder: Literal["uper", "fcn"] = "uper",
-        decoder_channels: int = 256,
-        head_dropout: float = 0.1,
         ignore_index: int = 255,
         class_weights: list[float] | None = None,
         **kwargs: Any,
@@ -44,12 +36,10 @@ class SegmentationTask(BaseTask):
         Args:
             num_classes: number of classes; linked from the datamodule by the CLI.
             class_names: names used in metric keys (``val/IoU_water``); linked from the datamodule.
-            decoder: ``uper`` (UPerNet) or ``fcn``.
-            decoder_channels: width of the decoder.
-            head_dropout: dropout before the 1×1 classification conv.
             ignore_index: mask value excluded from the loss and the metrics.
             class_weights: optional cross-entropy weight per class.
-            **kwargs: :class:`BaseTask` arguments (backbone, pretrained, strategy, optimizer, ...).
+            **kwargs: :class:`DenseTask` arguments (decoder, decoder_channels, head_dropout) and
+                :class:`BaseTask` arguments (backbone, pretrained, strategy, optimizer, ...).
         """
         names = class_names or [str(i) for i in range(num_classes)]
         if len(names) != num_classes:
@@ -62,28 +52,15 @@ class SegmentationTask(BaseTask):
                 f"model.class_weights has {len(class_weights)} values but num_classes is "
                 f"{num_classes}: give one weight per class."
             )
-        super().__init__(**kwargs)
         self.num_classes = num_classes
         self.class_names = names
-        self.setup_model()
+        self.ignore_index = ignore_index
+        super().__init__(num_outputs=num_classes, **kwargs)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
-        self.train_metrics = self._metrics("train", ignore_index)
-        self.val_metrics = self._metrics("val", ignore_index)
-        self.test_metrics = self._metrics("test", ignore_index)
 
-    def build_model(self, backbone: nn.Module) -> nn.Module:
-        hp = self.hparams
-        return build_encoder_decoder(
-            backbone,
-            decoder=hp.decoder,
-            decoder_channels=hp.decoder_channels,
-            num_classes=hp.num_classes,
-            head_dropout=hp.head_dropout,
-        )
-
-    def _metrics(self, stage: str, ignore_index: int) -> MetricCollection:
-        common = {"num_classes": self.num_classes, "ignore_index": ignore_index}
+    def metrics(self, stage: str) -> MetricCollection:
+        common = {"num_classes": self.num_classes, "ignore_index": self.ignore_index}
         return MetricCollection(
             {
                 "IoU": MulticlassJaccardIndex(average="none", **common),
@@ -95,7 +72,7 @@ class SegmentationTask(BaseTask):
         )
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        logits = self(batch["image"], **{k: batch[k] for k in BACKBONE_INPUTS if k in batch})
+        logits = self.forward_batch(batch)
         loss = self.loss(logits, batch["mask"])
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
         getattr(self, f"{stage}_metrics").update(logits.argmax(1), batch["mask"])
@@ -109,25 +86,6 @@ class SegmentationTask(BaseTask):
         self.log_dict(values, prog_bar=stage != "train")
         metrics.reset()
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def on_train_epoch_end(self) -> None:
-        self._log_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities ``(B, num_classes, H, W)``."""
-        logits = self(batch["image"], **{k: batch[k] for k in BACKBONE_INPUTS if k in batch})
-        return logits.softmax(1)
+        return self.forward_batch(batch).softmax(1)

@@ -1,0 +1,51 @@
+"""`workbench compare` end to end on a tiny config: table, plots, resume without re-running."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_config
+from workbench.cli import main
+from workbench.compare.arms import build_arms, parse_strategy
+from workbench.errors import UserInputError
+
+
+def test_strategy_specs_parse() -> None:
+    assert parse_strategy("lora:rank=4,use_dora=true") == ("workbench.strategies.LoRA", {"rank": 4, "use_dora": True})
+    assert [a.name for a in build_arms(["ssf"], [0.5, 1.0], [1])] == ["ssf-f0.5-s1", "ssf-f1-s1"]
+    with pytest.raises(UserInputError, match="known: full, frozen"):
+        parse_strategy("loar")
+    with pytest.raises(UserInputError, match="key=value"):
+        parse_strategy("lora:4")
+
+
+def test_compare_writes_table_and_plots_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path)
+    out = tmp_path / "compare"
+    args = ["compare", "--base_config", str(config), "--strategies", "frozen", "bitfit",
+            "--fractions", "0.5", "1.0", "--output_dir", str(out), "--fit_args", "trainer.max_epochs=1"]
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["strategy"], r["fraction"]) for r in rows] == [
+        ("frozen", "0.5"), ("frozen", "1.0"), ("bitfit", "0.5"), ("bitfit", "1.0")]
+    frozen, bitfit = rows[1], rows[3]
+    assert int(frozen["backbone_trainable"]) == 0 < int(bitfit["backbone_trainable"])
+    assert int(bitfit["trainable"]) > int(frozen["trainable"]) and frozen["total"] == bitfit["total"]
+    for row in rows:
+        assert 0.0 <= float(row["test"]) <= 1.0 and float(row["step_time_s"]) > 0
+        assert float(row["peak_memory_mib"]) > 0 and Path(row["checkpoint"]).is_file()
+    assert "| frozen | 0.5 |" in (out / "results.md").read_text()
+    for plot in ("metric_vs_params.png", "metric_vs_fraction.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # finished arms are not re-run; an arm without results resumes from its last checkpoint
+    (out / "bitfit-f1-s0" / "run" / "results.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already finished") == 3
+    assert "resuming bitfit-f1-s0" in printed
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 4

@@ -1,0 +1,233 @@
+"""The PEFT menu: exact trainable counts per method, merged exports, untouched encoders."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import backbones  # noqa: F401
+from tests.conftest import write_config
+from workbench.cli import main
+from workbench.errors import UserInputError
+from workbench.model import EncoderDecoder, build_encoder_decoder
+from workbench.optim import parameter_groups
+from workbench.strategies import (
+    BOFT, IA3, OFT, SSF, STRATEGIES, VPT, AdaptFormer, BitFit, Frozen, HalfFineTuning, LastBlocks, LoHa, LoRA,
+    NormOnly, Strategy, VeRA, count_parameters,
+)  # fmt: skip
+
+# The tiny ViT: width D=64, depth 2, MLP 4D, fused qkv (D → 3D), 6 bands → Conv3d patch embedding.
+D, DEPTH, HIDDEN = 64, 2, 256
+ATTN = [(D, 3 * D), (D, D)]  # (in, out) of attn.qkv and attn.proj
+PER_BLOCK_BIASES = D + 3 * D + D + D + HIDDEN + D  # norm1, qkv, proj, norm2, fc1, fc2
+PER_BLOCK_SSF = 2 * (D + 3 * D + D + D + HIDDEN + D)  # scale + shift after each Linear and LayerNorm
+
+EXPECTED_BACKBONE_TRAINABLE = {
+    "lora": DEPTH * sum(4 * (i + o) for i, o in ATTN),  # rank 4
+    "loha": DEPTH * sum(2 * 4 * (i + o) for i, o in ATTN),  # two rank-4 factor pairs
+    "ia3": DEPTH * (3 * D + HIDDEN),  # qkv outputs, fc2 inputs
+    "vera": DEPTH * sum(o + 16 for _, o in ATTN),  # lambda_b (out) + lambda_d (rank 16)
+    "oft": DEPTH * sum((i // 8) * 8 * 7 // 2 for i, _ in ATTN),  # skew-symmetric 8×8 blocks
+    "bitfit": DEPTH * PER_BLOCK_BIASES + D + D,  # + patch-embed bias, final norm bias
+    "norm": DEPTH * 4 * D + 2 * D,  # two LayerNorms per block + final norm
+    "ssf": DEPTH * PER_BLOCK_SSF + 2 * D + 2 * D,  # + patch-embed conv, final norm
+    "vpt": DEPTH * 5 * D,  # 5 deep prompts per block
+    "vpt_shallow": 5 * D,
+    "adaptformer": DEPTH * (D * 16 + 16 + 16 * D + D),  # bottleneck 16
+    "last_k": (3 * D * D + 3 * D + D * D + D + 4 * D + 2 * D * HIDDEN + HIDDEN + D) + 2 * D,  # 1 block + norm
+    "frozen": 0,
+}
+
+
+def make_strategy(name: str) -> Strategy:
+    return {
+        "lora": lambda: LoRA(rank=4),
+        "loha": lambda: LoHa(rank=4),
+        "ia3": IA3,
+        "vera": lambda: VeRA(rank=16),
+        "oft": lambda: OFT(block_size=8),
+        "boft": lambda: BOFT(block_size=8),
+        "bitfit": BitFit,
+        "norm": NormOnly,
+        "ssf": SSF,
+        "vpt": lambda: VPT(num_tokens=5),
+        "vpt_shallow": lambda: VPT(num_tokens=5, deep=False),
+        "adaptformer": lambda: AdaptFormer(bottleneck=16),
+        "last_k": lambda: LastBlocks(k=1),
+        "hft": lambda: HalfFineTuning(seed=0),
+        "frozen": Frozen,
+    }.get(name, STRATEGIES.get(name))()
+
+
+def vit() -> nn.Module:
+    return timm.create_model("prithvi_eo_v2_tiny_tl", depth=DEPTH, embed_dim=D, num_heads=2, img_size=32)
+
+
+def tiny(strategy: Strategy | None = None) -> EncoderDecoder:
+    torch.manual_seed(0)
+    model = build_encoder_decoder(vit(), "fcn", decoder_channels=16, num_classes=3)
+    if strategy is not None:
+        strategy.apply(model)
+    return model
+
+
+def train(model: EncoderDecoder, steps: int = 3) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    model.train()
+    for _ in range(steps):
+        image, mask = torch.randn(2, 6, 32, 32), torch.randint(0, 3, (2, 32, 32))
+        loss = nn.functional.cross_entropy(model(image), mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BACKBONE_TRAINABLE))
+def test_trainable_counts_are_exact(name: str) -> None:
+    model = tiny()
+    head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
+    report = make_strategy(name).apply(model)
+    assert report.backbone_trainable == EXPECTED_BACKBONE_TRAINABLE[name]
+    assert report.trainable == EXPECTED_BACKBONE_TRAINABLE[name] + head
+    assert (report.trainable, report.total) == count_parameters(model)
+
+
+def test_hft_trains_one_attention_and_one_mlp_matrix_per_block_seeded() -> None:
+    def chosen(seed: int) -> list[str]:
+        model = tiny(HalfFineTuning(seed=seed))
+        return sorted({n.rsplit(".", 1)[0] for n, p in model.backbone.named_parameters() if p.requires_grad})
+
+    picks = chosen(0)
+    assert picks == chosen(0)
+    for block in range(DEPTH):
+        mine = [p for p in picks if p.startswith(f"blocks.{block}.")]
+        assert len([p for p in mine if ".attn." in p]) == 1 and len([p for p in mine if ".mlp." in p]) == 1
+    assert any(chosen(seed) != picks for seed in range(1, 6))
+
+
+MERGEABLE = ["lora", "loha", "lokr", "ia3", "vera", "oft", "boft", "ssf", "bitfit", "dora", "pissa"]
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merged_export_predicts_the_same(name: str) -> None:
+    strategy = {"dora": lambda: LoRA(rank=4, use_dora=True), "pissa": lambda: LoRA(rank=4, init="pissa_niter_4"),
+                "lokr": lambda: STRATEGIES["lokr"](rank=4)}.get(name, lambda: make_strategy(name))()
+    model = tiny(strategy)
+    train(model)
+    model.eval()
+    merged = strategy.merged(model).eval()
+    image = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(image), model(image), atol=1e-4, rtol=1e-4)
+    assert merged.state_dict().keys() == tiny().state_dict().keys()
+    assert not any(n.startswith("backbone.") and "base_layer" in n for n in merged.state_dict())
+
+
+UNTOUCHED = ["frozen", "lora", "ia3", "vera", "oft", "ssf", "vpt", "adaptformer"]
+
+
+@pytest.mark.parametrize("name", UNTOUCHED)
+def test_strategies_leave_the_encoder_bit_identical(name: str) -> None:
+    model = tiny()
+    original = [(n, p, p.detach().clone()) for n, p in model.backbone.named_parameters()]
+    make_strategy(name).apply(model)
+    train(model)
+    kept = {id(p) for p in model.backbone.parameters()}
+    for param_name, param, value in original:
+        assert id(param) in kept, f"{param_name} was replaced"
+        assert not param.requires_grad and torch.equal(param, value), f"{param_name} changed"
+
+
+def test_vpt_needs_a_plain_vit_and_keeps_features_layout() -> None:
+    deep = tiny(VPT(num_tokens=3))
+    shallow = tiny(VPT(num_tokens=3, deep=False))
+    image = torch.randn(2, 6, 32, 32)
+    plain = [f.shape for f in tiny().backbone.forward_features(image)]
+    assert [f.shape for f in deep.backbone.forward_features(image)] == plain
+    assert [f.shape for f in shallow.backbone.forward_features(image)] == plain
+    with pytest.raises(UserInputError, match="plain ViT"):
+        VPT().apply(EncoderDecoder(nn.Linear(2, 2), None, nn.Identity(), nn.Identity()))
+
+
+def test_peft_target_typo_lists_layers() -> None:
+    with pytest.raises(UserInputError, match="attn.qkv"):
+        LoHa(target_modules=["attn.qvk"]).apply(tiny())
+
+
+def test_last_k_out_of_range_is_clear() -> None:
+    with pytest.raises(UserInputError, match="k=5"):
+        LastBlocks(k=5).apply(tiny())
+
+
+def test_eva_initialises_lora_a_from_data() -> None:
+    strategy = LoRA(rank=4, init="eva")
+    model = tiny(strategy)
+    qkv = model.backbone.blocks[0].attn.qkv
+    before = qkv.lora_A["default"].weight.clone()
+    strategy.initialize(model, [torch.randn(4, 6, 32, 32) for _ in range(3)])
+    after = qkv.lora_A["default"].weight
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after.norm(dim=1), torch.ones(4), atol=1e-4, rtol=0)  # singular vectors
+    torch.testing.assert_close(qkv.lora_B["default"].weight, torch.zeros_like(qkv.lora_B["default"].weight))
+
+
+def test_parameter_groups_and_layer_decay() -> None:
+    strategy = LoRA(rank=4, target_modules=["attn.qkv"])
+    model = tiny(strategy)
+    model.backbone.blocks[1].mlp.fc1.weight.requires_grad_(True)  # one encoder weight trains too
+    groups = parameter_groups(model, strategy.added_parameters, {"backbone": 0.1, "head": 2.0}, layer_decay=0.5)
+    scale = {g["name"]: g["lr_scale"] for g in groups}
+    top = DEPTH + 1  # embeddings 0, blocks 1..DEPTH, final norm DEPTH + 1
+    assert scale["head"] == 2.0
+    assert scale["adapter.1"] == pytest.approx(0.5 ** (top - 1))
+    assert scale["adapter.2"] == pytest.approx(0.5 ** (top - 2))
+    assert scale["backbone.2"] == pytest.approx(0.1 * 0.5 ** (top - 2))
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_feature_cache_gives_the_same_outputs() -> None:
+    cached, plain = tiny(Frozen(cache_features=True)), tiny(Frozen())
+    cached.train(), plain.train()
+    images = torch.randn(4, 6, 32, 32)
+    for _ in range(2):  # two "epochs": the second is served from the cache
+        for i in (0, 2):
+            torch.testing.assert_close(cached.decoder(cached.neck(cached.feature_cache(cached.backbone, images[i:i + 2]))),
+                                       plain.decoder(plain.neck(plain.backbone.forward_features(images[i:i + 2]))))
+    assert cached.feature_cache.hits == 4 and cached.feature_cache.misses == 4
+
+
+def test_cached_frozen_fit_matches_uncached(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = []
+    for cache in (False, True):
+        strategy = {"class_path": "workbench.strategies.Frozen", "init_args": {"cache_features": cache}}
+        config = write_config(tmp_path / str(cache), model={"strategy": strategy}, data={"augment": False},
+                              trainer={"max_epochs": 3})
+        capsys.readouterr()
+        assert main(["fit", "--config", str(config)]) == 0
+        if cache:  # 3 epochs of 4 train batches of 4 chips: epochs 2 and 3 come from the cache
+            served = re.search(r"feature cache served (\d+) of (\d+)", capsys.readouterr().out)
+            assert served and 0 < int(served[1]) < int(served[2])
+        run = tmp_path / str(cache) / "runs" / "tiny" / "version_0"
+        results.append(json.loads((run / "results.json").read_text()))
+    assert results[1]["val"] == pytest.approx(results[0]["val"], abs=1e-4)
+    assert results[1]["test"] == pytest.approx(results[0]["test"], abs=1e-4)
+    augmented = write_config(tmp_path / "aug", model={"strategy": {
+        "class_path": "workbench.strategies.Frozen", "init_args": {"cache_features": True}}})
+    capsys.readouterr()
+    assert main(["fit", "--config", str(augmented)]) == 2
+    assert "augment: false" in capsys.readouterr().err
+
+
+def test_eva_fit_initialises_from_training_batches(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    strategy = {"class_path": "workbench.strategies.LoRA", "init_args": {"rank": 4, "init": "eva", "eva_batches": 2}}
+    config = write_config(tmp_path, model={"strategy": strategy}, trainer={"max_epochs": 1})
+    capsys.readouterr()
+    assert main(["fit", "--config", str(config), "--test_after_fit", "false"]) == 0
+    assert "lora initialized from 2 training batches" in capsys.readouterr().out

@@ -1,0 +1,106 @@
+"""The comparison's outputs: results table (CSV and Markdown) and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from workbench.atomic import atomic_path, write_text
+
+COLUMNS = (
+    "strategy", "fraction", "seed", "trainable", "trainable_percent", "backbone_trainable", "total", "peak_memory_mib",
+    "step_time_s", "samples_per_s", "best_val", "test", "checkpoint",
+)  # fmt: skip
+
+
+def table_row(arm: Any, results: dict[str, Any], metric: str) -> dict[str, Any]:
+    """One table row from an arm and the ``results.json`` its fit wrote."""
+    return {
+        "strategy": arm.strategy,
+        "fraction": arm.fraction,
+        "seed": arm.seed,
+        "trainable": results["trainable"],
+        "trainable_percent": round(100 * results["trainable"] / results["total"], 3),
+        "backbone_trainable": results["backbone_trainable"],
+        "total": results["total"],
+        "peak_memory_mib": results.get("peak_memory_mib"),
+        "step_time_s": results.get("step_time_s"),
+        "samples_per_s": results.get("samples_per_s"),
+        "best_val": _round(results["val"].get(f"val/{metric}")),
+        "test": _round(results["test"].get(f"test/{metric}")),
+        "checkpoint": results.get("best_checkpoint"),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
+    headers = [c if c not in ("best_val", "test") else f"{c} {metric}" for c in COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [f"{row[c]:,}" if isinstance(row[c], int) and c in ("trainable", "backbone_trainable", "total") else str(row[c]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _mean_by(rows: list[dict[str, Any]], keys: tuple[str, ...], value: str) -> dict[tuple, float]:
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row[value] is not None:
+            groups[tuple(row[k] for k in keys)].append(row[value])
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> list[Path]:
+    """``metric_vs_params.png`` (test metric vs trainable parameters, seeds averaged) and, with
+    several fractions, ``metric_vs_fraction.png`` (one line per strategy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    written = []
+    full_data = max(row["fraction"] for row in rows)
+    points = _mean_by([r for r in rows if r["fraction"] == full_data], ("strategy", "trainable"), "test")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (strategy, trainable), value in sorted(points.items(), key=lambda item: item[0][1]):
+        ax.scatter(trainable, value, label=f"{strategy} ({trainable:,})")
+    ax.legend(fontsize=8)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"test {metric}",
+           title=f"test {metric} vs trainable parameters (training fraction {full_data:g})")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir / "metric_vs_params.png"))
+    fractions = sorted({row["fraction"] for row in rows})
+    if len(fractions) > 1:
+        curves = _mean_by(rows, ("strategy", "fraction"), "test")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for strategy in dict.fromkeys(row["strategy"] for row in rows):
+            xs = [f for f in fractions if (strategy, f) in curves]
+            ax.plot(xs, [curves[(strategy, f)] for f in xs], marker="o", label=strategy)
+        ax.set(xlabel="training fraction", ylabel=f"test {metric}", title=f"test {metric} vs training data")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / "metric_vs_fraction.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from matplotlib import pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,57 @@
+"""Optimizer parameter groups: per-group learning-rate multipliers and layer-wise LR decay."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from workbench.errors import UserInputError
+from workbench.model import EncoderDecoder
+from workbench.strategies.blocks import transformer_blocks
+
+PARAMETER_GROUPS = ("backbone", "adapter", "head")
+EMBEDDING = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token|absolute_pos_embed|temporal_embed|location_embed)")
+
+
+def layer_ids(backbone: nn.Module) -> tuple[dict[int, int], int]:
+    """``({id(param): layer}, num_layers)``: embeddings are layer 0, block ``i`` is ``i + 1``,
+    everything after the blocks (final norm) is ``num_blocks + 1``."""
+    blocks = transformer_blocks(backbone)
+    ids = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
+    for name, param in backbone.named_parameters():
+        ids.setdefault(id(param), 0 if EMBEDDING.search(name) else len(blocks) + 1)
+    return ids, len(blocks) + 1
+
+
+def parameter_groups(
+    model: EncoderDecoder,
+    added: frozenset[int],
+    lr_multipliers: dict[str, float] | None = None,
+    layer_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Trainable parameters grouped for the optimizer, each group with an ``lr_scale``.
+
+    Groups: ``backbone`` (the encoder's own weights), ``adapter`` (ids in ``added``) and
+    ``head`` (everything outside the backbone), each further split by encoder layer when
+    ``layer_decay`` is set. The caller multiplies each group's ``lr`` by its ``lr_scale``.
+    """
+    multipliers = {group: 1.0 for group in PARAMETER_GROUPS} | dict(lr_multipliers or {})
+    if layer_decay is not None:
+        try:
+            layer_of, top = layer_ids(model.backbone)
+        except UserInputError as err:
+            raise UserInputError(f"model.layer_decay: {err}") from None
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    groups: dict[tuple[str, int], dict[str, Any]] = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        pid = id(param)
+        group = "head" if pid not in backbone_ids else "adapter" if pid in added else "backbone"
+        layer = layer_of.get(pid, top) if layer_decay is not None and group != "head" else -1
+        scale = multipliers[group] * (layer_decay ** (top - layer) if layer >= 0 else 1.0)
+        entry = groups.setdefault((group, layer), {"params": [], "name": f"{group}{'' if layer < 0 else f'.{layer}'}", "lr_scale": scale})
+        entry["params"].append(param)
+    return list(groups.values())

@@ -1,0 +1,52 @@
+"""AdaptFormer: a bottleneck adapter in parallel with every block's MLP of a frozen backbone."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from workbench.model import EncoderDecoder
+from workbench.strategies.base import Strategy
+from workbench.strategies.blocks import block_linears, transformer_blocks
+
+
+class ParallelAdapter(nn.Module):
+    """``mlp(x) + scale * up(dropout(relu(down(x))))``; ``up`` starts at zero, so the adapted
+    block initially computes exactly what the pretrained block did."""
+
+    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float, dropout: float) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.adapter_down = nn.Linear(dim, bottleneck)
+        self.adapter_up = nn.Linear(bottleneck, dim)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x) + self.scale * self.adapter_up(self.dropout(self.act(self.adapter_down(x))))
+
+
+class AdaptFormer(Strategy):
+    """Frozen backbone plus a parallel bottleneck adapter beside each block's MLP."""
+
+    name = "adaptformer"
+    mergeable = False
+
+    def __init__(self, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.0) -> None:
+        """
+        Args:
+            bottleneck: hidden width of each adapter.
+            scale: factor on the adapter branch.
+            dropout: dropout inside the adapter.
+        """
+        self.bottleneck = bottleneck
+        self.scale = scale
+        self.dropout = dropout
+
+    def prepare(self, model: EncoderDecoder) -> None:
+        model.backbone.requires_grad_(False)
+        for block in transformer_blocks(model.backbone):
+            dim = block_linears(block, "mlp")[0][1].in_features
+            block.mlp = ParallelAdapter(block.mlp, dim, self.bottleneck, self.scale, self.dropout)

@@ -1,0 +1,63 @@
+"""What the per-pixel tasks share: encoder → neck → decoder → head at the input size, batches
+as dicts, one ``_step`` per stage and torchmetrics collections logged at epoch ends."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from workbench.model import build_encoder_decoder
+from workbench.tasks.base import BaseTask
+
+BACKBONE_INPUTS = ("temporal_coords", "location_coords")
+STAGES = ("train", "val", "test")
+
+
+class DenseTask(BaseTask):
+    """Base of per-pixel tasks. Subclasses implement ``_step`` and :meth:`metrics`.
+
+    Batches are dicts with ``image`` ``(B, C, [T,] H, W)`` and optionally ``temporal_coords``
+    ``(B, T, 2)`` and ``location_coords`` ``(B, 2)``.
+    """
+
+    def __init__(
+        self,
+        num_outputs: int,
+        decoder: Literal["uper", "fcn"] = "uper",
+        decoder_channels: int = 256,
+        head_dropout: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_outputs = num_outputs
+        self.setup_model()
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", self.metrics(stage))
+
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        hp = self.hparams
+        return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout)
+
+    def metrics(self, stage: str) -> MetricCollection:
+        """The metrics of ``stage``, their names prefixed ``<stage>/``."""
+        raise NotImplementedError
+
+    def forward_batch(self, batch: dict[str, Tensor]) -> Tensor:
+        """Model outputs ``(B, num_outputs, H, W)`` for a batch."""
+        return self(batch["image"], **{k: batch[k] for k in BACKBONE_INPUTS if k in batch})
+
+    def _log_metrics(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        self.log_dict(metrics.compute(), prog_bar=stage != "train")
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")

@@ -1,0 +1,84 @@
+"""Masked-autoencoder (continued) pretraining of a Prithvi encoder on unlabelled rasters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from backbones.prithvi import PrithviViT
+from backbones.prithvi_mae import PrithviMAE, patchify
+from workbench.errors import UserInputError
+from workbench.tasks.base import BaseTask
+from workbench.tasks.dense import BACKBONE_INPUTS
+
+
+def patch_targets(image: Tensor, patch: tuple[int, int, int], normalize: bool) -> Tensor:
+    """``(B, C, [T,] H, W)`` → per-patch pixel targets ``(B, N, s*p*q*C)``, optionally
+    normalized per patch (MAE's ``norm_pix_loss``)."""
+    target = patchify(image if image.ndim == 5 else image.unsqueeze(2), patch)
+    if normalize:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return target
+
+
+class MAEPretrainTask(BaseTask):
+    """Prithvi MAE: hide ``mask_ratio`` of the patches, reconstruct their pixels (MSE on hidden
+    patches). Batches need only ``image``; masks in the batch are ignored (no labels used).
+
+    At the end of ``fit`` the ``ExportWeights`` callback writes ``encoder.safetensors`` in the
+    official Prithvi MAE layout: any config loads it with ``model.init_args.pretrained``.
+    """
+
+    def __init__(
+        self,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            mask_ratio: fraction of patches hidden from the encoder.
+            decoder_dim: MAE decoder width (official: 512).
+            decoder_depth: MAE decoder blocks (official: 8).
+            decoder_heads: MAE decoder attention heads (official: 16).
+            norm_pix_loss: reconstruct per-patch normalized pixels (as Prithvi was trained).
+            num_classes: ignored (linked from segmentation datamodules; pretraining uses no labels).
+            class_names: ignored, as ``num_classes``.
+            **kwargs: :class:`BaseTask` arguments (backbone, pretrained, optimizer, ...).
+        """
+        if not 0.0 < mask_ratio < 1.0:
+            raise UserInputError(f"model.mask_ratio {mask_ratio} must be in (0, 1), e.g. 0.75")
+        super().__init__(**kwargs)
+        self.mask_ratio = mask_ratio
+        self.setup_model()
+
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        if not isinstance(backbone, PrithviViT):
+            raise UserInputError(f"MAE pretraining needs a Prithvi backbone, not {type(backbone).__name__}")
+        hp = self.hparams
+        return PrithviMAE(backbone, hp.decoder_dim, hp.decoder_depth, hp.decoder_heads)
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        coords = {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
+        pred, keep, _ = self.model(batch["image"], mask_ratio=self.mask_ratio, **coords)
+        target = patch_targets(batch["image"], self.model.backbone.patch_size, self.hparams.norm_pix_loss)
+        hidden = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device).scatter_(1, keep, False)
+        loss = ((pred - target) ** 2).mean(-1)[hidden].mean()
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=pred.shape[0])
+        return loss
+
+    def export(self, out_dir: str | Path) -> dict[str, str]:
+        from workbench.export import save_tensors
+
+        path = Path(out_dir) / "encoder.safetensors"
+        save_tensors(self.model.encoder_state_dict(), path)
+        return {"encoder": str(path)}
