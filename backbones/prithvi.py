@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import to_3tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn

@@ -61,17 +61,23 @@ class Preprocessor:
 
 
 def load_band_stats(path: str | Path, bands: Sequence[str] | None) -> tuple[list[float], list[float]]:
-    """Read ``mean``/``std`` from a stats JSON, checking its bands match the selection."""
+    """Read ``mean``/``std`` from a stats JSON for the selected ``bands`` (by name when the file
+    names its bands: a file covering more bands serves any subset of them)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"data.stats_file {path} does not exist: run `workbench stats --config <config>`")
     stats = json.loads(path.read_text())
-    if bands is not None and stats.get("bands") and list(stats["bands"]) != list(bands):
+    named = stats.get("bands")
+    if bands is None or not named:
+        return list(stats["mean"]), list(stats["std"])
+    missing = [b for b in bands if b not in named]
+    if missing:
         raise UserInputError(
-            f"data.stats_file {path} has statistics for bands {stats['bands']} but the data selects "
-            f"{list(bands)}: recompute it with `workbench stats --config <config>`"
+            f"data.stats_file {path} has statistics for bands {named} but not for {missing}: "
+            "recompute it with `workbench stats --config <config>`"
         )
-    return list(stats["mean"]), list(stats["std"])
+    index = [list(named).index(b) for b in bands]
+    return [stats["mean"][i] for i in index], [stats["std"][i] for i in index]
 
 
 def compute_band_stats(chips: Iterable[tuple[np.ndarray, float | None]], num_bands: int) -> dict[str, Any]:

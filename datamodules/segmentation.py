@@ -31,6 +31,8 @@ class GeoSegmentationDataModule(LightningDataModule):
     blocks of ``split_block``×``split_block`` windows, so val/test never overlap training.
     """
 
+    target_band: int | None = None  # regression datamodules read continuous targets from this band
+
     def __init__(
         self,
         root: str,
@@ -236,6 +238,7 @@ class GeoSegmentationDataModule(LightningDataModule):
             nodata=self.nodata,
             label_map=self.label_map,
             augment=self.augment and split == "train",
+            target_band=self.target_band,
         )
 
     def setup(self, stage: str | None = None) -> None:

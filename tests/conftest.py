@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,19 @@ def make_segmentation_chips(root: Path, n: int = 8, size: int = 32, bands: int =
         write_geotiff(root / "images" / f"chip_{i:03d}.tif", image)
         write_geotiff(root / "masks" / f"chip_{i:03d}.tif", mask)
     return {"root": str(root), "images": "images/*.tif", "masks": "masks/*.tif"}
+
+
+def make_regression_chips(root: Path, n: int = 24, size: int = 32, seed: int = 0) -> dict[str, str]:
+    """Images as :func:`make_segmentation_chips`; targets ``100 * (band1 - band3) + 50`` (float32)
+    with nodata (-9999) on each chip's top-left quarter: sparse labels."""
+    chips = make_segmentation_chips(root, n=n, size=size, seed=seed)
+    for i in range(n):
+        with rasterio.open(root / "images" / f"chip_{i:03d}.tif") as src:
+            image = src.read()
+        target = (100 * (image[1] - image[3]) + 50).astype(np.float32)
+        target[: size // 2, : size // 2] = -9999
+        write_geotiff(root / "targets" / f"chip_{i:03d}.tif", target[None], nodata=-9999)
+    return {**chips, "masks": "targets/*.tif"}
 
 
 TINY_BACKBONE = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32, "num_frames": 1}
@@ -116,3 +131,17 @@ def write_config(tmp_path: Path, **changes: dict) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def fit_run(config: Path, *args: str) -> tuple[list[float], dict]:
+    """``workbench fit --config config *args`` (must succeed) → per-epoch training losses and
+    ``results.json`` ({} without one) of the run it wrote (the config's newest ``version_N``)."""
+    from workbench.cli import main
+
+    assert main(["fit", "--config", str(config), *args]) == 0
+    logger = yaml.safe_load(config.read_text())["trainer"]["logger"]["init_args"]
+    run = sorted((Path(logger["save_dir"]) / logger["name"]).glob("version_*"), key=lambda p: int(p.name[8:]))[-1]
+    with open(run / "metrics.csv") as f:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    results = run / "results.json"
+    return losses, json.loads(results.read_text()) if results.is_file() else {}

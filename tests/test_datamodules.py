@@ -138,10 +138,15 @@ def test_band_stats_file_round_trip(tmp_path: Path) -> None:
     dm2 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"],
                       stats_file=str(tmp_path / "stats.json"))
     assert dm2.preprocessor().mean == stats["mean"]
-    dm3 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"], bands=["A"],
+    dm3 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"], bands=["C", "A"],
                       stats_file=str(tmp_path / "stats.json"))
-    with pytest.raises(UserInputError, match="recompute"):
-        dm3.preprocessor()
+    assert dm3.preprocessor().mean == [stats["mean"][2], stats["mean"][0]]  # a subset, by name
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"bands": ["A", "B"], "mean": [0.0, 0.0], "std": [1.0, 1.0]}))
+    dm4 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"], bands=["A", "C"],
+                      stats_file=str(partial))
+    with pytest.raises(UserInputError, match=r"not for \['C'\].*recompute"):
+        dm4.preprocessor()
 
 
 def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ MEAN, STD = [0.5] * 6, [0.25] * 6
 class PixelwiseTask(nn.Module):
     """A per-pixel model (1×1 conv): tiled and whole-image outputs must agree exactly."""
 
-    class_names = ["a", "b", "c"]
+    output_kind = "classes"
+    output_names = class_names = ["a", "b", "c"]
 
     def __init__(self) -> None:
         super().__init__()

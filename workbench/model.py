@@ -1,28 +1,26 @@
-"""The model every dense task uses: backbone → (neck) → decoder → head."""
+"""Models around a backbone: dense (backbone → neck → decoder → head) and scene-level
+(backbone → pooling head). Both freeze their backbone the same way."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from heads import PixelHead, build_decoder, build_neck
+from heads import PixelHead, PoolingHead, build_decoder, build_neck
 from workbench.feature_cache import FeatureCache
 
 
-class EncoderDecoder(nn.Module):
-    """``(B, C, [T,] H, W)`` → ``(B, num_outputs, H, W)`` at the input size.
+class BackboneModel(nn.Module):
+    """A ``backbone`` plus task layers.
 
     ``freeze_backbone()`` stops gradients into the backbone and keeps it in eval mode (no
     dropout, drop-path or BN updates) even when the trainer calls ``.train()`` on the model;
     with ``cache_features`` its features are also cached per sample (see :class:`FeatureCache`).
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module | None, decoder: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.neck = neck if neck is not None else nn.Identity()
-        self.decoder = decoder
-        self.head = head
         self._backbone_frozen = False
         self.feature_cache: FeatureCache | None = None
 
@@ -36,18 +34,30 @@ class EncoderDecoder(nn.Module):
         self.feature_cache = FeatureCache(cache_mib) if cache_features else None
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> EncoderDecoder:
+    def train(self, mode: bool = True) -> BackboneModel:
         super().train(mode)
         if self._backbone_frozen:
             self.backbone.eval()
         return self
 
-    def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
+    def features(self, image: Tensor, **backbone_kwargs: Tensor) -> list[Tensor]:
+        """``backbone.forward_features``, served from the feature cache when there is one."""
         if self.feature_cache is not None:
-            features = self.feature_cache(self.backbone, image, **backbone_kwargs)
-        else:
-            features = self.backbone.forward_features(image, **backbone_kwargs)
-        features = self.neck(features)
+            return self.feature_cache(self.backbone, image, **backbone_kwargs)
+        return self.backbone.forward_features(image, **backbone_kwargs)
+
+
+class EncoderDecoder(BackboneModel):
+    """``(B, C, [T,] H, W)`` → ``(B, num_outputs, H, W)`` at the input size."""
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module | None, decoder: nn.Module, head: nn.Module) -> None:
+        super().__init__(backbone)
+        self.neck = neck if neck is not None else nn.Identity()
+        self.decoder = decoder
+        self.head = head
+
+    def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
+        features = self.neck(self.features(image, **backbone_kwargs))
         out = self.head(self.decoder(features))
         return F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -64,3 +74,14 @@ def build_encoder_decoder(
     channels = neck.out_channels if neck is not None else [i["num_chs"] for i in backbone.feature_info]
     dec = build_decoder(decoder, channels, decoder_channels)
     return EncoderDecoder(backbone, neck, dec, PixelHead(dec.out_channels, num_classes, head_dropout))
+
+
+class EncoderClassifier(BackboneModel):
+    """``(B, C, [T,] H, W)`` → ``(B, num_outputs)`` from the backbone's last feature map."""
+
+    def __init__(self, backbone: nn.Module, num_outputs: int, dropout: float = 0.1) -> None:
+        super().__init__(backbone)
+        self.head = PoolingHead(backbone.feature_info[-1]["num_chs"], num_outputs, dropout)
+
+    def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
+        return self.head(self.features(image, **backbone_kwargs)[-1])

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from workbench.errors import UserInputError
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.blocks import transformer_blocks
 
 PARAMETER_GROUPS = ("backbone", "adapter", "head")
@@ -26,7 +26,7 @@ def layer_ids(backbone: nn.Module) -> tuple[dict[int, int], int]:
 
 
 def parameter_groups(
-    model: EncoderDecoder,
+    model: BackboneModel,
     added: frozenset[int],
     lr_multipliers: dict[str, float] | None = None,
     layer_decay: float | None = None,

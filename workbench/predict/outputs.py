@@ -1,5 +1,6 @@
-"""Per-scene outputs written as rows finish: a uint8 class map, optional float32 probabilities,
-and a PNG quicklook. Files appear under their final names only when complete."""
+"""Per-scene outputs written as rows finish: a uint8 class map (optional float32 probabilities)
+or float32 values for regression, and a PNG quicklook. Files appear under their final names only
+when complete."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def class_colors(class_names: list[str]) -> dict[int, tuple[int, int, int]]:
     """A colour per class; ``water`` is blue and ``land`` is green when so named."""
     named = {"water": (31, 119, 180), "land": (44, 160, 44), "background": (0, 0, 0)}
     return {i: named.get(n.lower(), PALETTE[i % len(PALETTE)]) for i, n in enumerate(class_names)}
+
+
+def stretch(bands: np.ndarray) -> np.ndarray:
+    """``(K, H, W)`` → values in [0, 1] by each band's 2–98 percentile range; NaN → 0."""
+    bands = bands.astype(np.float64)
+    low, high = np.nanpercentile(bands, 2, axis=(1, 2)), np.nanpercentile(bands, 98, axis=(1, 2))
+    scaled = (bands - low[:, None, None]) / np.maximum(high - low, 1e-9)[:, None, None]
+    return np.nan_to_num(np.clip(scaled, 0, 1))
 
 
 def _tmp(path: Path) -> Path:
@@ -59,8 +68,10 @@ class _BlockRows:
 
 
 class SceneWriter:
-    """Streams one scene's predictions to ``<stem>_classes.tif`` (+ ``_probabilities.tif``,
-    ``_quicklook.png``) in ``out_dir``; Cloud-Optimized GeoTIFF layout, same CRS/transform/size.
+    """Streams one scene's predictions into ``out_dir``: ``<stem>_classes.tif`` (+
+    ``_probabilities.tif``) for ``kind="classes"``, ``<stem>_values.tif`` (float32, one band per
+    name) for ``kind="values"``, and ``_quicklook.png``; Cloud-Optimized GeoTIFF layout, same
+    CRS/transform/size as the input.
 
     Use as a context manager: on error the partial files are removed.
     """
@@ -70,44 +81,51 @@ class SceneWriter:
         out_dir: Path,
         stem: str,
         profile: dict,
-        class_names: list[str],
+        names: list[str],
         probabilities: bool = False,
         quicklook: bool = True,
         block: int = 256,
+        kind: str = "classes",
     ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.class_names = class_names
-        self.paths = {"classes": out_dir / f"{stem}_classes.tif"}
-        if probabilities:
+        self.names = names
+        self.kind = kind
+        self.paths = {kind: out_dir / f"{stem}_{kind}.tif"}
+        if probabilities and kind == "classes":
             self.paths["probabilities"] = out_dir / f"{stem}_probabilities.tif"
         if quicklook:
             self.paths["quicklook"] = out_dir / f"{stem}_quicklook.png"
         self.height, self.width = profile["height"], profile["width"]
         self.step = max(1, math.ceil(max(self.height, self.width) / QUICKLOOK_SIZE))
-        self.streams = {"classes": _BlockRows(_tmp(self.paths["classes"]), profile, 1, "uint8", CLASS_NODATA, block)}
-        if probabilities:
+        layout = {"classes": (1, "uint8", CLASS_NODATA), "values": (len(names), "float32", float("nan"))}[kind]
+        self.streams = {kind: _BlockRows(_tmp(self.paths[kind]), profile, *layout, block)}
+        if "probabilities" in self.paths:
             self.streams["probabilities"] = _BlockRows(
-                _tmp(self.paths["probabilities"]), profile, len(class_names), "float32", float("nan"), block
+                _tmp(self.paths["probabilities"]), profile, len(names), "float32", float("nan"), block
             )
         self.small_rgb: list[np.ndarray] = []
-        self.small_classes: list[np.ndarray] = []
+        self.small_out: list[np.ndarray] = []
         self.row = 0
 
     def __enter__(self) -> SceneWriter:
         return self
 
-    def write(self, probs: np.ndarray, valid: np.ndarray, rgb: np.ndarray | None) -> None:
-        """Next finished rows: ``probs`` ``(K, r, W)``, ``valid`` ``(r, W)``, raw ``rgb`` ``(3, r, W)``."""
-        classes = np.where(valid, probs.argmax(0), CLASS_NODATA).astype(np.uint8)
-        final = self.row + probs.shape[1] >= self.height
-        self.streams["classes"].write(classes[None], final)
+    def write(self, out: np.ndarray, valid: np.ndarray, rgb: np.ndarray | None) -> None:
+        """Next finished rows: ``out`` ``(K, r, W)`` (class probabilities or values), ``valid``
+        ``(r, W)``, raw ``rgb`` ``(3, r, W)``."""
+        final = self.row + out.shape[1] >= self.height
+        if self.kind == "classes":
+            primary = np.where(valid, out.argmax(0), CLASS_NODATA).astype(np.uint8)[None]
+        else:
+            primary = np.where(valid, out, np.nan).astype(np.float32)
+        self.streams[self.kind].write(primary, final)
         if "probabilities" in self.streams:
-            self.streams["probabilities"].write(np.where(valid, probs, np.nan).astype(np.float32), final)
-        picked = np.arange(-self.row % self.step, probs.shape[1], self.step)
-        self.small_classes.append(classes[picked, :: self.step])
+            self.streams["probabilities"].write(np.where(valid, out, np.nan).astype(np.float32), final)
+        picked = np.arange(-self.row % self.step, out.shape[1], self.step)
+        self.small_out.append(primary[0, picked, :: self.step])
         if rgb is not None:
             self.small_rgb.append(np.where(valid, rgb, np.nan)[:, picked, :: self.step])
-        self.row += probs.shape[1]
+        self.row += out.shape[1]
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for stream in self.streams.values():
@@ -121,16 +139,19 @@ class SceneWriter:
                 path.with_name(f".{path.stem}.cog{path.suffix}").unlink(missing_ok=True)
 
     def _finish(self) -> None:
-        classes_tmp = _tmp(self.paths["classes"])
-        with rasterio.open(classes_tmp, "r+") as dst:
-            dst.write_colormap(1, {i: (*c, 255) for i, c in class_colors(self.class_names).items()})
-            dst.update_tags(class_names=json.dumps(self.class_names))
-            dst.set_band_description(1, "class")
+        with rasterio.open(_tmp(self.paths[self.kind]), "r+") as dst:
+            if self.kind == "classes":
+                dst.write_colormap(1, {i: (*c, 255) for i, c in class_colors(self.names).items()})
+                dst.update_tags(class_names=json.dumps(self.names))
+                dst.set_band_description(1, "class")
+            else:
+                for i, name in enumerate(self.names, start=1):
+                    dst.set_band_description(i, name)
         if "probabilities" in self.paths:
             with rasterio.open(_tmp(self.paths["probabilities"]), "r+") as dst:
-                for i, name in enumerate(self.class_names, start=1):
+                for i, name in enumerate(self.names, start=1):
                     dst.set_band_description(i, f"probability_{name}")
-        for key, resampling in (("classes", "NEAREST"), ("probabilities", "AVERAGE")):
+        for key, resampling in (("classes", "NEAREST"), ("values", "AVERAGE"), ("probabilities", "AVERAGE")):
             if key in self.paths:
                 self._to_cog(_tmp(self.paths[key]), self.paths[key], resampling)
         if "quicklook" in self.paths:
@@ -145,17 +166,19 @@ class SceneWriter:
         staging.replace(dst)
 
     def _write_quicklook(self) -> None:
-        classes = np.concatenate(self.small_classes, axis=0)
-        colors = np.zeros((256, 3), dtype=np.uint8)
-        for i, c in class_colors(self.class_names).items():
-            colors[i] = c
-        panels = [colors[classes]]
+        small = np.concatenate(self.small_out, axis=0)
+        if self.kind == "classes":
+            colors = np.zeros((256, 3), dtype=np.uint8)
+            for i, c in class_colors(self.names).items():
+                colors[i] = c
+            panels = [colors[small]]
+        else:  # first value band, 2–98 % stretch, grey; nodata white
+            grey = (stretch(small[None])[0] * 255).astype(np.uint8)
+            panels = [np.where(np.isnan(small)[..., None], 255, grey[..., None].repeat(3, -1)).astype(np.uint8)]
         if self.small_rgb:
             rgb = np.concatenate(self.small_rgb, axis=1).astype(np.float64)
-            low, high = np.nanpercentile(rgb, 2, axis=(1, 2)), np.nanpercentile(rgb, 98, axis=(1, 2))
-            scaled = (rgb - low[:, None, None]) / np.maximum(high - low, 1e-9)[:, None, None]
-            panels.insert(0, (np.nan_to_num(np.clip(scaled, 0, 1)) * 255).astype(np.uint8).transpose(1, 2, 0))
-        gap = np.full((classes.shape[0], 8, 3), 255, dtype=np.uint8)
+            panels.insert(0, (stretch(rgb) * 255).astype(np.uint8).transpose(1, 2, 0))
+        gap = np.full((small.shape[0], 8, 3), 255, dtype=np.uint8)
         image = np.concatenate([panels[0], gap, panels[1]], axis=1) if len(panels) == 2 else panels[0]
         staging = _tmp(self.paths["quicklook"])
         Image.fromarray(image).save(staging, format="PNG")

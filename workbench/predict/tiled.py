@@ -88,7 +88,8 @@ class TiledPredictor:
 
     Args:
         task: a trained task; its ``predict_step`` maps ``{"image": (B, C, [T,] h, w)}`` to
-            per-pixel outputs ``(B, K, h, w)`` (class probabilities).
+            per-pixel outputs ``(B, K, h, w)`` (class probabilities, or values when the task's
+            ``output_kind`` is ``values``); ``output_names`` names the K outputs.
         preprocess: the training normalisation.
         spec: the layers to read and the checks a scene must pass.
         window: window side in pixels (a multiple of the backbone's patch size).
@@ -135,9 +136,9 @@ class TiledPredictor:
             nodata = self.nodata if self.nodata is not None else reader.nodata
             height, width = reader.profile["height"], reader.profile["width"]
             plan = WindowPlan(height, width, self.window, self.overlap)
-            names = self.task.class_names
+            names = self.task.output_names
             writer = stack.enter_context(
-                SceneWriter(out_dir, stem, reader.profile, names, probabilities, quicklook)
+                SceneWriter(out_dir, stem, reader.profile, names, probabilities, quicklook, kind=self.task.output_kind)
             )
             progress = stack.enter_context(tqdm(total=len(plan), desc=stem, unit="window"))
             band = min(self.window, height)

@@ -1,7 +1,8 @@
 """Adaptation strategies: what trains. One ``strategy:`` block in the YAML, any backbone.
 
-Each strategy acts on a built :class:`~workbench.model.EncoderDecoder`, reports exactly what it
-left trainable, and can export adapter-only and (where the method allows) merged weights.
+Each strategy acts on a built :class:`~workbench.model.BackboneModel` (a ``backbone`` plus task
+layers), reports exactly what it left trainable, and can export adapter-only and (where the
+method allows) merged weights.
 
 ==============  ===========================================================================
 baselines       :class:`Full`, :class:`Frozen`

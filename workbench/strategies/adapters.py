@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 from workbench.strategies.blocks import block_linears, transformer_blocks
 
@@ -45,7 +45,7 @@ class AdaptFormer(Strategy):
         self.scale = scale
         self.dropout = dropout
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         model.backbone.requires_grad_(False)
         for block in transformer_blocks(model.backbone):
             dim = block_linears(block, "mlp")[0][1].in_features

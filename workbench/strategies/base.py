@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -27,7 +27,7 @@ class StrategyReport:
     backbone_total: int
 
     @classmethod
-    def of(cls, strategy: str, model: EncoderDecoder) -> StrategyReport:
+    def of(cls, strategy: str, model: BackboneModel) -> StrategyReport:
         return cls(strategy, *count_parameters(model), *count_parameters(model.backbone))
 
     @property
@@ -43,14 +43,14 @@ class StrategyReport:
 
 
 class Strategy:
-    """Base class: subclasses change which parameters of an :class:`EncoderDecoder` train."""
+    """Base class: subclasses change which parameters of an :class:`BackboneModel` train."""
 
     name = "strategy"
     mergeable = True  # adapters fold into the base weights (no extra inference cost)
     added_parameters: frozenset[int] = frozenset()
     init_batches = 0  # training batches :meth:`initialize` wants (0: none)
 
-    def apply(self, model: EncoderDecoder) -> StrategyReport:
+    def apply(self, model: BackboneModel) -> StrategyReport:
         """Adapt ``model`` in place and report the trainable parameters.
 
         Records in :attr:`added_parameters` the ids of the trainable parameters the strategy
@@ -63,19 +63,19 @@ class Strategy:
         )
         return StrategyReport.of(self.name, model)
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         """Freeze, inject or wrap modules of ``model`` in place."""
         raise NotImplementedError
 
-    def initialize(self, model: EncoderDecoder, batches: list[Tensor]) -> None:
+    def initialize(self, model: BackboneModel, batches: list[Tensor]) -> None:
         """Data-driven initialization from a few training images ``(B, C, [T,] H, W)``; most
         strategies need none. Called once before training starts (not when resuming)."""
 
-    def merged(self, model: EncoderDecoder) -> EncoderDecoder:
+    def merged(self, model: BackboneModel) -> BackboneModel:
         """A copy of ``model`` in the plain layout (adapters merged); the base copies as is."""
         return copy.deepcopy(model)
 
-    def trainable_state_dict(self, model: EncoderDecoder) -> dict[str, Tensor]:
+    def trainable_state_dict(self, model: BackboneModel) -> dict[str, Tensor]:
         """The state dict without the frozen parameters: what this strategy changed.
 
         Buffers (e.g. decoder BatchNorm statistics) are kept, so the result together with the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 
 
@@ -11,7 +11,7 @@ class Full(Strategy):
 
     name = "full"
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         model.requires_grad_(True)
 
 
@@ -31,5 +31,5 @@ class Frozen(Strategy):
         self.cache_features = cache_features
         self.cache_mib = cache_mib
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         model.freeze_backbone(self.cache_features, self.cache_mib)

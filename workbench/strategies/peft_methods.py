@@ -28,7 +28,7 @@ from peft.tuners.vera import VeraModel
 from torch import Tensor, nn
 
 from workbench.errors import UserInputError
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 
 ATTENTION = ["attn.qkv", "attn.proj"]
@@ -61,7 +61,7 @@ class PeftStrategy(Strategy):
         """Add the adapters to ``backbone`` (in place) and return the module to use."""
         return inject_adapter_in_model(self.peft_config(), backbone)
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         try:
             model.backbone = self.inject(model.backbone)
         except ValueError as err:
@@ -73,7 +73,7 @@ class PeftStrategy(Strategy):
                 ) from None
             raise UserInputError(f"{self.name} cannot adapt this backbone: {message}") from None
 
-    def merged(self, model: EncoderDecoder) -> EncoderDecoder:
+    def merged(self, model: BackboneModel) -> BackboneModel:
         plain = copy.deepcopy(model)
         merge_adapters(plain.backbone)
         if isinstance(plain.backbone, BaseTuner):
@@ -142,7 +142,7 @@ class LoRA(PeftStrategy):
         )
 
     @torch.no_grad()
-    def initialize(self, model: EncoderDecoder, batches: list[Tensor]) -> None:
+    def initialize(self, model: BackboneModel, batches: list[Tensor]) -> None:
         """EVA: set each ``lora_A`` to the top right-singular vectors of its layer's inputs."""
         if self.init != "eva":
             return

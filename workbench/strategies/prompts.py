@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.errors import UserInputError
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 from workbench.strategies.blocks import transformer_blocks
 
@@ -63,7 +63,7 @@ class VPT(Strategy):
         self.num_tokens = num_tokens
         self.deep = deep
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         backbone = model.backbone
         if not isinstance(getattr(backbone, "blocks", None), nn.ModuleList):
             raise UserInputError(

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from workbench.errors import UserInputError
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 from workbench.strategies.blocks import block_linears, transformer_blocks
 
@@ -25,7 +25,7 @@ class SelectiveStrategy(Strategy):
     def select(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
         raise NotImplementedError
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         model.backbone.requires_grad_(False)
         for param in self.select(model.backbone):
             param.requires_grad_(True)

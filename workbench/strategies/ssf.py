@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from workbench.model import EncoderDecoder
+from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 
 SSF_TARGETS = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Conv3d)
@@ -69,7 +69,7 @@ class SSF(Strategy):
 
     name = "ssf"
 
-    def prepare(self, model: EncoderDecoder) -> None:
+    def prepare(self, model: BackboneModel) -> None:
         backbone = model.backbone
         backbone.requires_grad_(False)
         targets = [
@@ -80,7 +80,7 @@ class SSF(Strategy):
         for name, layer in targets:
             _replace(backbone, name, ScaleShift(layer))
 
-    def merged(self, model: EncoderDecoder) -> EncoderDecoder:
+    def merged(self, model: BackboneModel) -> BackboneModel:
         plain = copy.deepcopy(model)
         for name, layer in list(plain.backbone.named_modules()):
             if isinstance(layer, ScaleShift):

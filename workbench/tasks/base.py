@@ -19,6 +19,8 @@ from workbench.optim import PARAMETER_GROUPS, parameter_groups
 from workbench.strategies import Full, Strategy, StrategyReport
 
 log = logging.getLogger(__name__)
+STAGES = ("train", "val", "test")
+BACKBONE_INPUTS = ("temporal_coords", "location_coords")
 
 
 def create_backbone(
@@ -130,6 +132,15 @@ class BaseTask(LightningModule):
     def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
         return self.model(image, **backbone_kwargs)
 
+    @staticmethod
+    def backbone_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch entries the backbone takes besides the image (time and location coordinates)."""
+        return {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
+
+    def forward_batch(self, batch: dict[str, Tensor]) -> Tensor:
+        """Model outputs for a batch dict with ``image`` (and optional coordinates)."""
+        return self(batch["image"], **self.backbone_inputs(batch))
+
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Loss of ``batch`` (logged, with the metrics of ``stage``: train, val or test)."""
         raise NotImplementedError
@@ -142,6 +153,22 @@ class BaseTask(LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        """Log and reset ``<stage>_metrics`` (a torchmetrics collection), where the task has one."""
+        metrics = getattr(self, f"{stage}_metrics", None)
+        if metrics is not None:
+            self.log_dict(metrics.compute(), prog_bar=stage != "train")
+            metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:

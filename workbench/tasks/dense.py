@@ -1,25 +1,22 @@
 """What the per-pixel tasks share: encoder → neck → decoder → head at the input size, batches
-as dicts, one ``_step`` per stage and torchmetrics collections logged at epoch ends."""
+as dicts, a torchmetrics collection per stage."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 from torchmetrics import MetricCollection
 
 from workbench.model import build_encoder_decoder
-from workbench.tasks.base import BaseTask
-
-BACKBONE_INPUTS = ("temporal_coords", "location_coords")
-STAGES = ("train", "val", "test")
+from workbench.tasks.base import STAGES, BaseTask
 
 
 class DenseTask(BaseTask):
     """Base of per-pixel tasks. Subclasses implement ``_step`` and :meth:`metrics`.
 
     Batches are dicts with ``image`` ``(B, C, [T,] H, W)`` and optionally ``temporal_coords``
-    ``(B, T, 2)`` and ``location_coords`` ``(B, 2)``.
+    ``(B, T, 2)`` and ``location_coords`` ``(B, 2)``; outputs are ``(B, num_outputs, H, W)``.
     """
 
     def __init__(
@@ -44,20 +41,4 @@ class DenseTask(BaseTask):
         """The metrics of ``stage``, their names prefixed ``<stage>/``."""
         raise NotImplementedError
 
-    def forward_batch(self, batch: dict[str, Tensor]) -> Tensor:
-        """Model outputs ``(B, num_outputs, H, W)`` for a batch."""
-        return self(batch["image"], **{k: batch[k] for k in BACKBONE_INPUTS if k in batch})
 
-    def _log_metrics(self, stage: str) -> None:
-        metrics = getattr(self, f"{stage}_metrics")
-        self.log_dict(metrics.compute(), prog_bar=stage != "train")
-        metrics.reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")

@@ -12,7 +12,6 @@ from backbones.prithvi import PrithviViT
 from backbones.prithvi_mae import PrithviMAE, patchify
 from workbench.errors import UserInputError
 from workbench.tasks.base import BaseTask
-from workbench.tasks.dense import BACKBONE_INPUTS
 
 
 def patch_targets(image: Tensor, patch: tuple[int, int, int], normalize: bool) -> Tensor:
@@ -23,6 +22,20 @@ def patch_targets(image: Tensor, patch: tuple[int, int, int], normalize: bool) -
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     return target
+
+
+def build_mae(backbone: nn.Module, hparams: Any, purpose: str) -> PrithviMAE:
+    """The Prithvi MAE around ``backbone`` with the decoder sizes in ``hparams``."""
+    if not isinstance(backbone, PrithviViT):
+        raise UserInputError(f"{purpose} needs a Prithvi backbone, not {type(backbone).__name__}")
+    return PrithviMAE(backbone, hparams.decoder_dim, hparams.decoder_depth, hparams.decoder_heads)
+
+
+def hidden_patch_mse(pred: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+    """Mean squared error over the patches NOT in ``keep``: ``pred``/``target`` ``(B, N, P)``,
+    ``keep`` ``(B, K)`` visible token indices."""
+    hidden = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device).scatter_(1, keep, False)
+    return ((pred - target) ** 2).mean(-1)[hidden].mean()
 
 
 class MAEPretrainTask(BaseTask):
@@ -62,17 +75,13 @@ class MAEPretrainTask(BaseTask):
         self.setup_model()
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
-        if not isinstance(backbone, PrithviViT):
-            raise UserInputError(f"MAE pretraining needs a Prithvi backbone, not {type(backbone).__name__}")
-        hp = self.hparams
-        return PrithviMAE(backbone, hp.decoder_dim, hp.decoder_depth, hp.decoder_heads)
+        return build_mae(backbone, self.hparams, "MAE pretraining")
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        coords = {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
+        coords = self.backbone_inputs(batch)
         pred, keep, _ = self.model(batch["image"], mask_ratio=self.mask_ratio, **coords)
         target = patch_targets(batch["image"], self.model.backbone.patch_size, self.hparams.norm_pix_loss)
-        hidden = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device).scatter_(1, keep, False)
-        loss = ((pred - target) ** 2).mean(-1)[hidden].mean()
+        loss = hidden_patch_mse(pred, target, keep)
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=pred.shape[0])
         return loss
 

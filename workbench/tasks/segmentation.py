@@ -24,6 +24,8 @@ class SegmentationTask(DenseTask):
     loss, per-class IoU, mIoU, macro F1 and accuracy as ``{train,val,test}/<name>``.
     """
 
+    output_kind = "classes"
+
     def __init__(
         self,
         num_classes: int = 2,
@@ -53,7 +55,7 @@ class SegmentationTask(DenseTask):
                 f"{num_classes}: give one weight per class."
             )
         self.num_classes = num_classes
-        self.class_names = names
+        self.class_names = self.output_names = names
         self.ignore_index = ignore_index
         super().__init__(num_outputs=num_classes, **kwargs)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None

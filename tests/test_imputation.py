@@ -1,0 +1,79 @@
+"""Gap imputation: sampled gap masks, hidden tokens, loss on scored gap pixels only, CLI fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from tests.conftest import TINY_BACKBONE, fit_run, write_config
+from workbench.tasks import ImputationTask
+from workbench.tasks.gaps import hidden_tokens, sample_blob_gaps, sample_patch_gaps
+from workbench.tasks.imputation import visible_mean
+
+
+def test_sampled_gaps_cover_the_fraction() -> None:
+    torch.manual_seed(0)
+    blobs = sample_blob_gaps((4, 2, 64, 64), 0.3)
+    assert blobs.shape == (4, 2, 64, 64) and abs(blobs.float().mean().item() - 0.3) < 0.02
+    patches = sample_patch_gaps((4, 2, 64, 64), (16, 16), 0.5)
+    cells = patches.reshape(4, 2, 4, 16, 4, 16)
+    assert (cells.all(dim=(3, 5)) == cells.any(dim=(3, 5))).all()  # whole patches only
+
+
+def test_a_token_is_hidden_when_any_pixel_is_a_gap() -> None:
+    gaps = torch.zeros(1, 2, 32, 32, dtype=torch.bool)
+    gaps[0, 1, 20, 3] = True  # frame 1, patch row 1, col 0
+    assert hidden_tokens(gaps, (1, 16, 16)).tolist() == [[False, False, False, False, False, False, True, False]]
+
+
+def tiny_task(**kwargs) -> ImputationTask:
+    torch.manual_seed(0)
+    return ImputationTask(backbone="prithvi_eo_v2_tiny_tl", backbone_kwargs={**TINY_BACKBONE, "num_frames": 2},
+                          decoder_dim=32, decoder_depth=1, decoder_heads=2, **kwargs)
+
+
+def test_loss_uses_scored_gap_pixels_only() -> None:
+    task = tiny_task(gaps="mask")
+    image = torch.randn(2, 6, 2, 32, 32)
+    mask = torch.zeros(2, 32, 32, dtype=torch.long)
+    mask[:, :16, :16] = 1  # a gap in the top-left patch of both frames
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[:, :4] = False  # nodata rows: not scored
+    batch = {"image": image, "mask": mask, "valid": valid}
+    truth, filled, gaps, scored = task.impute(batch)
+    assert torch.equal(filled[:, :, :, 16:], image[:, :, :, 16:])  # outside the gaps: the input
+    assert scored.sum() == 2 * 2 * 12 * 16
+    loss = task._step(batch, "val")
+    expected = ((filled - truth)[scored.unsqueeze(1).expand_as(truth)] ** 2).mean()
+    assert torch.allclose(loss, expected)
+    values = task.val_metrics.compute()
+    assert {"val/PSNR", "val/SSIM", "val/MAE_0"} <= set(values)
+
+
+def test_imputation_cli_fit_lowers_loss(tmp_path: Path) -> None:
+    path = write_config(tmp_path, trainer={"max_epochs": 5})
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:2]
+    config["trainer"]["callbacks"][0]["init_args"] = {"monitor": "val/loss", "mode": "min"}
+    config["model"] = {"class_path": "workbench.tasks.ImputationTask", "init_args": {
+        "backbone": "prithvi_eo_v2_tiny_tl", "backbone_kwargs": TINY_BACKBONE, "gaps": "patches",
+        "gap_fraction": 0.4, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}}}
+    path.write_text(yaml.safe_dump(config))
+    losses, results = fit_run(path)
+    assert losses[-1] < losses[0]
+    assert results["test"]["test/PSNR"] > 0
+
+
+def test_visible_mean_per_band_and_frame() -> None:
+    image = torch.zeros(1, 2, 2, 4, 4)
+    image[0, 0, 0] = 3.0
+    image[0, 1, 1, :, :2] = 5.0
+    seen = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    seen[0, 0, :2] = True  # frame 0: top half seen
+    seen[0, 1, :, :2] = True  # frame 1: left half seen
+    mean = visible_mean(image, seen)[0, :, :, 0, 0]
+    assert mean.tolist() == [[3.0, 0.0], [0.0, 5.0]]
+    assert visible_mean(image, torch.zeros_like(seen)).abs().sum() == 0  # nothing seen: scene mean (0)

@@ -1,0 +1,140 @@
+"""Gap imputation: reconstruct cloud-covered (or otherwise missing) pixels of multispectral,
+multi-temporal rasters with a Prithvi MAE."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from backbones.prithvi_mae import keep_from_hidden, unpatchify
+from workbench.errors import UserInputError
+from workbench.tasks.base import STAGES, BaseTask
+from workbench.tasks.gaps import hidden_tokens, sample_blob_gaps, sample_patch_gaps
+from workbench.tasks.pretrain import build_mae
+
+
+class ImputationTask(BaseTask):
+    """Fill gaps: every patch touching a gap is hidden from the encoder and the MAE decoder
+    predicts its pixels, as a deviation from the frame's mean over the pixels it can see (per
+    band). The loss (MSE) and the metrics use the gap pixels only.
+
+    Gaps come from the batch's ``mask`` (``gaps: mask`` — e.g. a real cloud mask, value
+    ``gap_value``) or are sampled per frame
+    (``patches``: whole patches; ``blobs``: cloud-like shapes) covering ``gap_fraction``.
+    Images are ``(B, C, [T,] H, W)`` in normalized units; ``valid`` ``(B, H, W)`` (from the
+    datamodule) keeps nodata pixels out of the loss. Metrics: PSNR and MAE per band over the
+    scored gap pixels, SSIM of the gap-filled frames against the truth.
+    """
+
+    def __init__(
+        self,
+        gaps: Literal["blobs", "patches", "mask"] = "blobs",
+        gap_fraction: float = 0.3,
+        gap_value: int = 1,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        pretrained_decoder: bool = True,
+        data_range: float = 8.0,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            gaps: where the gaps come from: sampled ``blobs`` or ``patches``, or the batch ``mask``.
+            gap_fraction: fraction of pixels per frame to hide when sampling.
+            gap_value: the ``mask`` value that marks a gap (``gaps: mask``).
+            decoder_dim: MAE decoder width (official Prithvi: 512).
+            decoder_depth: MAE decoder blocks (official: 8).
+            decoder_heads: MAE decoder heads (official: 16).
+            pretrained_decoder: also load the official ``decoder.*`` keys from ``pretrained``.
+            data_range: value range for PSNR and SSIM, in normalized units (8: ±4 std).
+            num_classes: ignored (linked from datamodules).
+            class_names: ignored, as ``num_classes``.
+            **kwargs: :class:`BaseTask` arguments (backbone, pretrained, strategy, optimizer, ...).
+        """
+        if not 0.0 < gap_fraction < 1.0:
+            raise UserInputError(f"model.gap_fraction {gap_fraction} must be in (0, 1)")
+        super().__init__(**kwargs)
+        self.gaps = gaps
+        self.setup_model()
+        if pretrained_decoder and self.hparams.pretrained:
+            report = self.model.load_decoder(self.hparams.pretrained)
+            if report["unexpected"] or len(report["missing"]) == len(self.model.decoder.state_dict()):
+                raise UserInputError(
+                    f"model.pretrained {self.hparams.pretrained} has no matching MAE decoder keys "
+                    f"(unexpected {report['unexpected'][:5]}): set decoder_dim/depth/heads to the "
+                    "checkpoint's, or pretrained_decoder: false."
+                )
+        bands = self.hparams.bands or [str(i) for i in range(len(self.model.backbone.bands))]
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", MetricCollection(
+                {"PSNR": PeakSignalNoiseRatio(data_range=data_range),
+                 "SSIM": StructuralSimilarityIndexMeasure(data_range=data_range),
+                 **{f"MAE_{band}": MeanAbsoluteError() for band in bands}},
+                prefix=f"{stage}/",
+            ))
+        self.band_names = bands
+
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        return build_mae(backbone, self.hparams, "imputation")
+
+    def gap_mask(self, batch: dict[str, Tensor], image: Tensor) -> Tensor:
+        """Gaps ``(B, T, H, W)`` bool for images ``(B, C, T, H, W)``."""
+        b, _, t, h, w = image.shape
+        if self.gaps == "mask":
+            if "mask" not in batch:
+                raise UserInputError("model.gaps: mask needs a mask per chip (data masks = the cloud masks)")
+            return (batch["mask"] == self.hparams.gap_value).unsqueeze(1).expand(b, t, h, w)
+        if self.gaps == "patches":
+            patch = self.model.backbone.patch_size[1:]
+            return sample_patch_gaps((b, t, h, w), patch, self.hparams.gap_fraction, device=image.device)
+        return sample_blob_gaps((b, t, h, w), self.hparams.gap_fraction, device=image.device)
+
+    def impute(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(image, filled, gaps, scored)``: truth and gap-filled images ``(B, C, T, H, W)``, the
+        gaps and the pixels scored (gaps whose truth is not nodata), ``(B, T, H, W)``."""
+        image = batch["image"] if batch["image"].ndim == 5 else batch["image"].unsqueeze(2)
+        gaps = self.gap_mask(batch, image)
+        valid = batch["valid"].unsqueeze(1) if "valid" in batch else torch.ones_like(gaps[:, :1])
+        scored = gaps & valid
+        patch = self.model.backbone.patch_size
+        keep = keep_from_hidden(hidden_tokens(gaps, patch))
+        coords = self.backbone_inputs(batch)
+        pred, _, grid = self.model(image, keep=keep, **coords)
+        recon = unpatchify(pred, patch, image.shape[1], grid) + visible_mean(image, ~gaps & valid)
+        filled = torch.where(gaps.unsqueeze(1), recon, image)
+        return image, filled, gaps, scored
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        image, filled, _, scored = self.impute(batch)
+        scored_gaps = scored.unsqueeze(1).expand_as(image)
+        loss = ((filled - image)[scored_gaps] ** 2).mean() if scored_gaps.any() else filled.sum() * 0.0
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        metrics = getattr(self, f"{stage}_metrics")
+        if scored_gaps.any():
+            metrics["PSNR"].update(filled[scored_gaps].detach(), image[scored_gaps])
+        metrics["SSIM"].update(_frames(filled.detach()), _frames(image))
+        for c, band in enumerate(self.band_names):
+            selected = scored_gaps[:, c]
+            if selected.any():
+                metrics[f"MAE_{band}"].update(filled[:, c][selected].detach(), image[:, c][selected])
+        return loss
+
+
+
+def visible_mean(image: Tensor, seen: Tensor) -> Tensor:
+    """Per-band mean ``(B, C, T, 1, 1)`` of ``image`` ``(B, C, T, H, W)`` over the ``seen``
+    pixels ``(B, T, H, W)`` of each frame (0, the scene mean, where a frame has none)."""
+    weight = seen.unsqueeze(1).to(image.dtype)
+    return (image * weight).sum((-2, -1), keepdim=True) / weight.sum((-2, -1), keepdim=True).clamp(min=1)
+
+
+def _frames(x: Tensor) -> Tensor:
+    """``(B, C, T, H, W)`` → ``(B*T, C, H, W)``."""
+    return x.transpose(1, 2).flatten(0, 1)
