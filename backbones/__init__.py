@@ -1,5 +1,10 @@
 """Backbones, one file per family, registered with timm (``timm.create_model`` finds them)."""
 
 from backbones.prithvi import HLS_BANDS, PrithviViT, load_pretrained
+from backbones.satvision import MODIS_TOA_BANDS, SatVisionSwinV2, load_satvision
+from backbones.timm_features import TimmFeatures
 
-__all__ = ["HLS_BANDS", "PrithviViT", "load_pretrained"]
+__all__ = [
+    "HLS_BANDS", "MODIS_TOA_BANDS", "PrithviViT", "SatVisionSwinV2", "TimmFeatures", "load_pretrained",
+    "load_satvision",
+]

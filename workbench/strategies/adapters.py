@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from workbench.errors import UserInputError
 from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
 from workbench.strategies.blocks import block_linears, transformer_blocks
@@ -48,5 +49,11 @@ class AdaptFormer(Strategy):
     def prepare(self, model: BackboneModel) -> None:
         model.backbone.requires_grad_(False)
         for block in transformer_blocks(model.backbone):
-            dim = block_linears(block, "mlp")[0][1].in_features
+            linears = block_linears(block, "mlp")
+            if not linears:
+                raise UserInputError(
+                    f"adaptformer needs blocks with a Linear `mlp`; {type(block).__name__} has none: use lora, ssf "
+                    "or bitfit for this backbone."
+                )
+            dim = linears[0][1].in_features
             block.mlp = ParallelAdapter(block.mlp, dim, self.bottleneck, self.scale, self.dropout)

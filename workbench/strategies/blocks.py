@@ -8,21 +8,21 @@ from workbench.errors import UserInputError
 
 
 def transformer_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """The backbone's transformer blocks in forward order.
-
-    ViTs keep them in ``backbone.blocks``; hierarchical (Swin-style) backbones in
-    ``backbone.layers[i].blocks``.
-    """
-    blocks = getattr(backbone, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        return list(blocks)
-    layers = getattr(backbone, "layers", None)
-    if isinstance(layers, (nn.ModuleList, nn.Sequential)) and all(hasattr(layer, "blocks") for layer in layers):
-        return [block for layer in layers for block in layer.blocks]
-    raise UserInputError(
-        f"this strategy acts per transformer block, but backbone {type(backbone).__name__} has no "
-        "`blocks` (ViT) or `layers[i].blocks` (Swin): choose another strategy for it."
-    )
+    """The backbone's blocks in forward order: the members of every ``blocks`` list in it —
+    ``blocks`` of a ViT, ``layers[i].blocks`` of a Swin, ``stages[i].blocks`` of a ConvNeXt,
+    also inside wrappers of timm models."""
+    blocks = [
+        block
+        for module in backbone.modules()
+        if isinstance(getattr(module, "blocks", None), (nn.ModuleList, nn.Sequential))
+        for block in module.blocks
+    ]
+    if not blocks:
+        raise UserInputError(
+            f"this strategy acts per block, but backbone {type(backbone).__name__} has no `blocks` lists "
+            "(ViT `blocks`, Swin `layers[i].blocks`, ConvNeXt `stages[i].blocks`): choose another strategy."
+        )
+    return blocks
 
 
 def block_linears(block: nn.Module, part: str) -> list[tuple[str, nn.Linear]]:

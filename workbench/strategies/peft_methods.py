@@ -67,9 +67,10 @@ class PeftStrategy(Strategy):
         except ValueError as err:
             message = str(err)
             if "not found" in message or "Target module" in message:
+                names = ", ".join(linear_names(model.backbone)) or "none (use frozen, full, bitfit, norm or ssf)"
                 raise UserInputError(
                     f"{self.name} target_modules {self.target_modules} match no layer of the backbone. "
-                    f"Linear layers it has: {', '.join(linear_names(model.backbone))}."
+                    f"Linear layers it has: {names}."
                 ) from None
             raise UserInputError(f"{self.name} cannot adapt this backbone: {message}") from None
 

@@ -15,10 +15,11 @@ SSF_TARGETS = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Conv3d)
 
 
 class ScaleShift(nn.Module):
-    """``base(x) * scale + shift`` over the output channels of ``base``.
+    """``base(x) * scale + shift`` over the output channels of ``base`` (scale only when ``base``
+    has no bias, so that the merged layer keeps its layout).
 
-    Channels are the last dim for Linear/LayerNorm outputs ``(..., C)`` and dim 1 for conv
-    outputs ``(B, C, ...)``.
+    Channels are the last dim for Linear/LayerNorm outputs ``(..., C)`` and dim 1 for conv and
+    ``LayerNorm2d`` outputs ``(B, C, ...)``.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -26,25 +27,27 @@ class ScaleShift(nn.Module):
         self.base_layer = base_layer
         channels = _out_channels(base_layer)
         self.ssf_scale = nn.Parameter(torch.ones(channels))
-        self.ssf_shift = nn.Parameter(torch.zeros(channels))
+        self.ssf_shift = nn.Parameter(torch.zeros(channels)) if getattr(base_layer, "bias", None) is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
-        if isinstance(self.base_layer, (nn.Conv2d, nn.Conv3d)):
-            shape = (1, -1) + (1,) * (y.ndim - 2)
-            return y * self.ssf_scale.view(shape) + self.ssf_shift.view(shape)
-        return y * self.ssf_scale + self.ssf_shift
+        shape = (1, -1) + (1,) * (y.ndim - 2) if _channels_first(self.base_layer) else (-1,)
+        y = y * self.ssf_scale.view(shape)
+        return y if self.ssf_shift is None else y + self.ssf_shift.view(shape)
 
     @torch.no_grad()
     def merged_layer(self) -> nn.Module:
         """A copy of ``base_layer`` whose weights include the scale and shift."""
         layer = copy.deepcopy(self.base_layer)
-        weight = layer.weight
-        weight.mul_(self.ssf_scale.view((-1,) + (1,) * (weight.ndim - 1)))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros_like(self.ssf_shift))
-        layer.bias.mul_(self.ssf_scale).add_(self.ssf_shift)
+        layer.weight.mul_(self.ssf_scale.view((-1,) + (1,) * (layer.weight.ndim - 1)))
+        if self.ssf_shift is not None:
+            layer.bias.mul_(self.ssf_scale).add_(self.ssf_shift)
         return layer
+
+
+def _channels_first(layer: nn.Module) -> bool:
+    """Conv layers and 2-D LayerNorms (timm's ``LayerNorm2d``) put channels on dim 1."""
+    return isinstance(layer, (nn.Conv2d, nn.Conv3d)) or type(layer).__name__.endswith("2d")
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -61,7 +64,8 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class SSF(Strategy):
-    """Scale-and-shift every Linear, LayerNorm and conv of the backbone; the rest is frozen.
+    """Scale-and-shift every Linear, LayerNorm and conv of the backbone (scale only where a layer
+    has no bias); the rest is frozen.
 
     LayerNorms without affine parameters are skipped (nothing to fold the scale into).
     Merged export folds each ``ScaleShift`` into its layer: no extra inference cost.

@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-import backbones  # noqa: F401  (registers the workbench backbones with timm)
+from backbones import TimmFeatures  # importing backbones registers them with timm
 from workbench.errors import UserInputError
 from workbench.optim import PARAMETER_GROUPS, parameter_groups
 from workbench.strategies import Full, Strategy, StrategyReport
@@ -30,6 +30,10 @@ def create_backbone(
     backbone_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Create a registered timm backbone, optionally loading a local checkpoint.
+
+    Workbench backbones (``prithvi_*``, ``satvision_*``) are built directly; any other timm model
+    (``convnext_tiny``, ``vit_small_patch16_224``, ``swin_tiny_patch4_window7_224``, ...) is wrapped
+    by :class:`~backbones.TimmFeatures` (its ``features_only`` feature maps).
 
     Args:
         name: timm model name, e.g. ``prithvi_eo_v2_300m_tl``.
@@ -58,6 +62,10 @@ def create_backbone(
             )
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
     try:
+        if model_cls is None:
+            pretrained_file = kwargs.pop("pretrained_cfg_overlay", {}).get("file", False)
+            kwargs.pop("pretrained", None)
+            return TimmFeatures(name, pretrained=pretrained_file, **kwargs)
         return timm.create_model(name, **kwargs)
     except TypeError as err:
         if "unexpected keyword argument" not in str(err):

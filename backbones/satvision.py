@@ -1,0 +1,126 @@
+"""SatVision-TOA style SwinV2 (timm's implementation) for 14-band MODIS top-of-atmosphere inputs:
+hierarchical feature maps for UPerNet, and loading of the official SatVision checkpoints.
+
+The official checkpoints are SimMIM-pretrained Microsoft SwinV2 weights: a DeepSpeed file whose
+``module`` dict holds ``encoder.*`` (the SwinV2, patch merging at the *end* of each stage) and the
+SimMIM ``decoder.*``. :func:`load_satvision` keeps the encoder and lets timm's own SwinV2 filter
+renumber the patch-merging layers and drop the non-persistent buffers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models import register_model
+from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
+from torch import Tensor, nn
+
+from backbones.features import call_layers_as_modules, to_nchw
+from workbench.errors import UserInputError
+
+MODIS_TOA_BANDS = tuple(f"MODIS_{b}" for b in (1, 2, 3, 26, 6, 20, 7, 27, 28, 29, 31, 32, 33, 34))
+"""The 14 MODIS bands of SatVision-TOA (reflective 1, 2, 3, 26, 6, 7 and emissive bands)."""
+
+
+class SatVisionSwinV2(nn.Module):
+    """SwinV2 encoder → one ``(B, C_i, H/r_i, W/r_i)`` map per stage (``C_i = embed_dim · 2^i``,
+    ``r_i = patch · 2^i``), the last through the final norm. Input ``(B, C, H, W)``, H and W a
+    multiple of ``patch_size · window_size · 2^(stages-1)``."""
+
+    def __init__(self, img_size: int = 128, patch_size: int = 4, in_chans: int = len(MODIS_TOA_BANDS),
+                 embed_dim: int = 512, depths: tuple[int, ...] = (2, 2, 42, 2),
+                 num_heads: tuple[int, ...] = (16, 32, 64, 128), window_size: int = 8,
+                 drop_path_rate: float = 0.1, bands: list[str] | None = None) -> None:
+        super().__init__()
+        if bands is not None:
+            in_chans = len(bands)
+        self.bands = list(bands) if bands is not None else list(MODIS_TOA_BANDS)[:in_chans]
+        self.model = call_layers_as_modules(SwinTransformerV2(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depths=depths,
+            num_heads=num_heads, window_size=window_size, drop_path_rate=drop_path_rate, num_classes=0,
+        ))
+        self.feature_info = [
+            {"num_chs": embed_dim * 2**i, "reduction": patch_size * 2**i, "module": f"layers.{i}"}
+            for i in range(len(depths))
+        ]
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The SwinV2 stages (each with ``.blocks``), for per-block strategies."""
+        return self.model.layers
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        if x.ndim != 4 or x.shape[1] != len(self.bands):
+            raise UserInputError(
+                f"SatVision expects (B, {len(self.bands)}, H, W) inputs (bands {self.bands}), got {tuple(x.shape)}"
+            )
+        x = self.model.patch_embed(x)
+        features = []
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x)
+            features.append(self.model.norm(x) if i == len(self.model.layers) - 1 else x)
+        return to_nchw(features, [i["num_chs"] for i in self.feature_info])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.forward_features(x)
+
+
+def load_satvision(model: SatVisionSwinV2, path: str | Path) -> dict[str, Any]:
+    """Load an official SatVision-TOA checkpoint (or a plain SwinV2 state dict) into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {path} does not exist: give a local SatVision .pt file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
+    for key in ("module", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("head")}
+    state = checkpoint_filter_fn(state, model.model)
+    own = model.model.state_dict()
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected or mismatched:
+        raise UserInputError(
+            f"checkpoint {path} does not fit this SatVision SwinV2: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}, shape mismatch {mismatched[:5]}. Pick the size the checkpoint was trained with "
+            "(embed_dim, depths, num_heads, window_size, in_chans)."
+        )
+    model.model.load_state_dict(state)
+    return {"file": str(path), "loaded": len(state)}
+
+
+def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> SatVisionSwinV2:
+    """Build a named size; ``pretrained`` loads the local file in ``pretrained_cfg_overlay``."""
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    for timm_internal in ("pretrained_cfg", "cache_dir"):  # passed by timm.create_model
+        kwargs.pop(timm_internal, None)
+    model = SatVisionSwinV2(**{**arch, **kwargs})
+    if pretrained:
+        if not overlay.get("file"):
+            raise UserInputError("SatVision weights are not on a hub timm can reach: pass `pretrained: <local .pt>`")
+        load_satvision(model, overlay["file"])
+    return model
+
+
+@register_model
+def satvision_toa_giant(pretrained: bool = False, **kwargs: Any) -> SatVisionSwinV2:
+    """SatVision-TOA giant: SwinV2-G, 14 MODIS TOA bands, 128 px, patch 4, window 8."""
+    return _create({"embed_dim": 512, "depths": (2, 2, 42, 2), "num_heads": (16, 32, 64, 128)}, pretrained, **kwargs)
+
+
+@register_model
+def satvision_toa_tiny(pretrained: bool = False, **kwargs: Any) -> SatVisionSwinV2:
+    """A small SwinV2 in the SatVision-TOA layout (for tests and CPU demos)."""
+    return _create({"embed_dim": 64, "depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)}, pretrained, **kwargs)
+
+
+satvision_toa_giant.model_cls = satvision_toa_tiny.model_cls = SatVisionSwinV2
