@@ -13,6 +13,7 @@ import yaml
 from datamodules.classification import read_label_table
 from datamodules.samples import coast_class
 from tests.conftest import fit_run, write_config
+from workbench.cli import main
 from workbench.errors import UserInputError
 
 
@@ -66,3 +67,8 @@ def test_classification_fit_learns(tmp_path: Path, multi_label: bool) -> None:
     assert 0.0 <= results["test"]["test/accuracy"] <= 1.0
     assert ("test/mAP" in results["test"]) == multi_label
     assert "lora" in results["strategy"]
+    if not multi_label:  # scene-level models have no per-pixel map to write
+        assert main(["predict", "--config", str(path), "--ckpt_path", results["best_checkpoint"],
+                     "--inputs", str(next((chips / "images").glob("*.tif"))),
+                     "--output_dir", str(tmp_path / "out")]) == 2
+        assert not (tmp_path / "out").exists()

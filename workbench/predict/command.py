@@ -106,6 +106,11 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     scenes = expand_inputs(cfg.inputs)
     init = parser.instantiate_classes(cfg)
     data, task = init.data, init.model
+    if getattr(task, "output_kind", None) not in ("classes", "values"):
+        raise UserInputError(
+            f"workbench predict maps per-pixel tasks (SegmentationTask, RegressionTask); the config's model is "
+            f"{type(task).__name__}: evaluate it with `workbench test --config ... --ckpt_path ...` instead."
+        )
     data.prepare_data()
     load_checkpoint(task, cfg.ckpt_path)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
