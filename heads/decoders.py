@@ -33,6 +33,8 @@ class UPerNet(nn.Module):
 class FCN(nn.Module):
     """``num_convs`` 3×3 conv-BN-ReLU layers on the coarsest level → ``(B, channels, h, w)``."""
 
+    coarsest_only = True  # models feed it only the last level (no unused neck branches)
+
     def __init__(self, in_channels: Sequence[int], channels: int = 256, num_convs: int = 2) -> None:
         super().__init__()
         widths = [in_channels[-1]] + [channels] * num_convs

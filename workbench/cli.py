@@ -69,10 +69,11 @@ def _lightning_cli_class() -> type:
             ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
             val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
-            if self.trainer.is_global_zero and self.trainer.log_dir:
+            log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+            if self.trainer.is_global_zero and log_dir:
                 report = self.model.strategy_report
                 write_json(
-                    f"{self.trainer.log_dir}/results.json",
+                    f"{log_dir}/results.json",
                     {
                         "strategy": report.strategy,
                         "summary": str(report),

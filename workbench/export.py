@@ -52,11 +52,12 @@ class ExportWeights(Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        out_dir = Path(trainer.log_dir or ".") / self.dirname  # log_dir is a collective: every rank asks
         if not trainer.is_global_zero or not isinstance(pl_module, BaseTask):
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:
             state = torch.load(best, map_location=pl_module.device, weights_only=True)
             pl_module.load_state_dict(state["state_dict"])
-        paths = pl_module.export(Path(trainer.log_dir or ".") / self.dirname)
+        paths = pl_module.export(out_dir)
         print(f"workbench: exported {', '.join(paths.values())}")

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from heads import PixelHead, PoolingHead, build_decoder, build_neck
+from heads.decoders import DECODERS
 from workbench.feature_cache import FeatureCache
 
 
@@ -50,14 +51,20 @@ class BackboneModel(nn.Module):
 class EncoderDecoder(BackboneModel):
     """``(B, C, [T,] H, W)`` → ``(B, num_outputs, H, W)`` at the input size."""
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module | None, decoder: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, neck: nn.Module | None, decoder: nn.Module, head: nn.Module,
+                 levels: list[int] | None = None) -> None:
+        """``levels``: indices of the backbone's feature maps the neck and decoder use (all: None)."""
         super().__init__(backbone)
         self.neck = neck if neck is not None else nn.Identity()
         self.decoder = decoder
         self.head = head
+        self.levels = levels
 
     def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
-        features = self.neck(self.features(image, **backbone_kwargs))
+        features = self.features(image, **backbone_kwargs)
+        if self.levels is not None:
+            features = [features[i] for i in self.levels]
+        features = self.neck(features)
         out = self.head(self.decoder(features))
         return F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -69,11 +76,15 @@ def build_encoder_decoder(
     num_classes: int = 2,
     head_dropout: float = 0.1,
 ) -> EncoderDecoder:
-    """Wire neck, decoder and head to ``backbone.feature_info``."""
-    neck = build_neck(backbone.feature_info)
-    channels = neck.out_channels if neck is not None else [i["num_chs"] for i in backbone.feature_info]
+    """Wire neck, decoder and head to ``backbone.feature_info`` (only the last level for decoders
+    that read only the coarsest map, so no parameter goes unused — DDP requires that)."""
+    info = backbone.feature_info
+    levels = [len(info) - 1] if getattr(DECODERS.get(decoder), "coarsest_only", False) else None
+    used = [info[i] for i in levels] if levels else info
+    neck = build_neck(used)
+    channels = neck.out_channels if neck is not None else [i["num_chs"] for i in used]
     dec = build_decoder(decoder, channels, decoder_channels)
-    return EncoderDecoder(backbone, neck, dec, PixelHead(dec.out_channels, num_classes, head_dropout))
+    return EncoderDecoder(backbone, neck, dec, PixelHead(dec.out_channels, num_classes, head_dropout), levels)
 
 
 class EncoderClassifier(BackboneModel):
