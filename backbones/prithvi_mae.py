@@ -18,6 +18,11 @@ from torch import Tensor, nn
 from backbones.prithvi import LocationEncoder, PrithviViT, TemporalEncoder, _init_weights, sincos_3d
 
 
+def as_frames(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` → ``(B, C, 1, H, W)``; ``(B, C, T, H, W)`` as it is."""
+    return x if x.ndim == 5 else x.unsqueeze(2)
+
+
 def patchify(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
     """``(B, C, T, H, W)`` → ``(B, N, s*p*q*C)`` in the official (t h w)(s p q c) order."""
     b, c, t, h, w = x.shape

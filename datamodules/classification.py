@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,16 @@ class GeoClassificationDataModule(GeoSegmentationDataModule):
         self.labels = labels
         self.multi_label = multi_label
 
-    def label_of(self, chips: ChipDataset) -> Any:
-        """``(index, sample) → label`` for ``chips``."""
+    @cached_property
+    def label_table(self) -> dict[str, Tensor]:
+        """{image file name: label}, read once from ``labels``."""
         if self.labels is None:
             raise UserInputError("data.labels: give the CSV of file,labels rows")
-        table = read_label_table(Path(self.labels), self.class_names, self.multi_label)
+        return read_label_table(Path(self.labels), self.class_names, self.multi_label)
+
+    def label_of(self, chips: ChipDataset) -> Any:
+        """``(index, sample) → label`` for ``chips``."""
+        table = self.label_table
 
         def lookup(index: int, _: dict[str, Tensor]) -> Tensor:
             name = chips.chips[index].image.name

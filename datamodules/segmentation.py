@@ -172,7 +172,8 @@ class GeoSegmentationDataModule(LightningDataModule):
             splits = self._listed_split(keyed) if self.splits else self._ratio_split(keyed)
         if self.train_fraction < 1.0 and splits.get("train"):
             train = splits["train"]
-            keep = sorted(random.Random(self.seed).sample(range(len(train)), max(1, round(len(train) * self.train_fraction))))
+            count = max(1, round(len(train) * self.train_fraction))
+            keep = sorted(random.Random(self.seed).sample(range(len(train)), count))
             splits["train"] = [train[i] for i in keep]
         return splits
 

@@ -52,6 +52,6 @@ def parameter_groups(
         group = "head" if pid not in backbone_ids else "adapter" if pid in added else "backbone"
         layer = layer_of.get(pid, top) if layer_decay is not None and group != "head" else -1
         scale = multipliers[group] * (layer_decay ** (top - layer) if layer >= 0 else 1.0)
-        entry = groups.setdefault((group, layer), {"params": [], "name": f"{group}{'' if layer < 0 else f'.{layer}'}", "lr_scale": scale})
-        entry["params"].append(param)
+        name = group if layer < 0 else f"{group}.{layer}"
+        groups.setdefault((group, layer), {"params": [], "name": name, "lr_scale": scale})["params"].append(param)
     return list(groups.values())

@@ -1,0 +1,1 @@
+"""`workbench compare`: one base config under several strategies, training fractions and seeds."""

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from backbones import TimmFeatures  # importing backbones registers them with timm
 from workbench.errors import UserInputError
@@ -132,6 +133,14 @@ class BaseTask(LightningModule):
         self.model = self.build_model(encoder)
         self.strategy_report: StrategyReport = self.strategy.apply(self.model)
         log.info("%s", self.strategy_report)
+        for stage in STAGES:
+            metrics = self.metrics(stage)
+            if metrics is not None:
+                setattr(self, f"{stage}_metrics", metrics)
+
+    def metrics(self, stage: str) -> MetricCollection | None:
+        """The task's metrics for ``stage``, names prefixed ``<stage>/``; None: the loss only."""
+        return None
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         """Wrap ``backbone`` into the task's full model (neck, decoder, head)."""

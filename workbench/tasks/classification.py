@@ -16,7 +16,7 @@ from torchmetrics.classification import (
 
 from workbench.errors import UserInputError
 from workbench.model import EncoderClassifier
-from workbench.tasks.base import STAGES, BaseTask
+from workbench.tasks.base import BaseTask
 
 
 class ClassificationTask(BaseTask):
@@ -51,13 +51,12 @@ class ClassificationTask(BaseTask):
         self.multi_label = multi_label
         self.setup_model()
         self.loss = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
-        for stage in STAGES:
-            setattr(self, f"{stage}_metrics", self._metrics(stage, num_classes))
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return EncoderClassifier(backbone, self.hparams.num_classes, self.hparams.head_dropout)
 
-    def _metrics(self, stage: str, n: int) -> MetricCollection:
+    def metrics(self, stage: str) -> MetricCollection:
+        n = self.hparams.num_classes
         if self.multi_label:
             metrics = {"accuracy": MultilabelAccuracy(n), "F1": MultilabelF1Score(n, average="macro"),
                        "mAP": MultilabelAveragePrecision(n)}

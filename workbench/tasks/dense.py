@@ -6,14 +6,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from torch import nn
-from torchmetrics import MetricCollection
 
 from workbench.model import build_encoder_decoder
-from workbench.tasks.base import STAGES, BaseTask
+from workbench.tasks.base import BaseTask
 
 
 class DenseTask(BaseTask):
-    """Base of per-pixel tasks. Subclasses implement ``_step`` and :meth:`metrics`.
+    """Base of per-pixel tasks. Subclasses implement ``_step`` and ``metrics``.
 
     Batches are dicts with ``image`` ``(B, C, [T,] H, W)`` and optionally ``temporal_coords``
     ``(B, T, 2)`` and ``location_coords`` ``(B, 2)``; outputs are ``(B, num_outputs, H, W)``.
@@ -30,15 +29,7 @@ class DenseTask(BaseTask):
         super().__init__(**kwargs)
         self.num_outputs = num_outputs
         self.setup_model()
-        for stage in STAGES:
-            setattr(self, f"{stage}_metrics", self.metrics(stage))
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         hp = self.hparams
         return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout)
-
-    def metrics(self, stage: str) -> MetricCollection:
-        """The metrics of ``stage``, their names prefixed ``<stage>/``."""
-        raise NotImplementedError
-
-

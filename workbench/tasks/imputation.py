@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from backbones.prithvi_mae import keep_from_hidden, unpatchify
+from backbones.prithvi_mae import as_frames, keep_from_hidden, unpatchify
 from workbench.errors import UserInputError
-from workbench.tasks.base import STAGES, BaseTask
+from workbench.tasks.base import BaseTask
 from workbench.tasks.gaps import hidden_tokens, sample_blob_gaps, sample_patch_gaps
 from workbench.tasks.pretrain import build_mae
 
@@ -71,18 +71,23 @@ class ImputationTask(BaseTask):
                     f"(unexpected {report['unexpected'][:5]}): set decoder_dim/depth/heads to the "
                     "checkpoint's, or pretrained_decoder: false."
                 )
-        bands = self.hparams.bands or [str(i) for i in range(len(self.model.backbone.bands))]
-        for stage in STAGES:
-            setattr(self, f"{stage}_metrics", MetricCollection(
-                {"PSNR": PeakSignalNoiseRatio(data_range=data_range),
-                 "SSIM": StructuralSimilarityIndexMeasure(data_range=data_range),
-                 **{f"MAE_{band}": MeanAbsoluteError() for band in bands}},
-                prefix=f"{stage}/",
-            ))
-        self.band_names = bands
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return build_mae(backbone, self.hparams, "imputation")
+
+    @property
+    def band_names(self) -> list[str]:
+        """Names of the input bands (metric keys ``MAE_<band>``)."""
+        return self.hparams.bands or [str(i) for i in range(len(self.model.backbone.bands))]
+
+    def metrics(self, stage: str) -> MetricCollection:
+        data_range = self.hparams.data_range
+        return MetricCollection(
+            {"PSNR": PeakSignalNoiseRatio(data_range=data_range),
+             "SSIM": StructuralSimilarityIndexMeasure(data_range=data_range),
+             **{f"MAE_{band}": MeanAbsoluteError() for band in self.band_names}},
+            prefix=f"{stage}/",
+        )
 
     def gap_mask(self, batch: dict[str, Tensor], image: Tensor) -> Tensor:
         """Gaps ``(B, T, H, W)`` bool for images ``(B, C, T, H, W)``."""
@@ -99,7 +104,7 @@ class ImputationTask(BaseTask):
     def impute(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(image, filled, gaps, scored)``: truth and gap-filled images ``(B, C, T, H, W)``, the
         gaps and the pixels scored (gaps whose truth is not nodata), ``(B, T, H, W)``."""
-        image = batch["image"] if batch["image"].ndim == 5 else batch["image"].unsqueeze(2)
+        image = as_frames(batch["image"])
         gaps = self.gap_mask(batch, image)
         valid = batch["valid"].unsqueeze(1) if "valid" in batch else torch.ones_like(gaps[:, :1])
         scored = gaps & valid

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones.prithvi import PrithviViT
-from backbones.prithvi_mae import PrithviMAE, patchify
+from backbones.prithvi_mae import PrithviMAE, as_frames, patchify
 from workbench.errors import UserInputError
 from workbench.tasks.base import BaseTask
 
@@ -17,7 +17,7 @@ from workbench.tasks.base import BaseTask
 def patch_targets(image: Tensor, patch: tuple[int, int, int], normalize: bool) -> Tensor:
     """``(B, C, [T,] H, W)`` → per-patch pixel targets ``(B, N, s*p*q*C)``, optionally
     normalized per patch (MAE's ``norm_pix_loss``)."""
-    target = patchify(image if image.ndim == 5 else image.unsqueeze(2), patch)
+    target = patchify(as_frames(image), patch)
     if normalize:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
