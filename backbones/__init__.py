@@ -1,10 +1,13 @@
 """Backbones, one file per family, registered with timm (``timm.create_model`` finds them)."""
 
+from backbones.ast import AudioSpectrogramTransformer, load_ast
+from backbones.patchtst import PatchTST
+from backbones.point_transformer import PointTransformer, load_point_transformer
 from backbones.prithvi import HLS_BANDS, PrithviViT, load_pretrained
 from backbones.satvision import MODIS_TOA_BANDS, SatVisionSwinV2, load_satvision
 from backbones.timm_features import TimmFeatures
 
 __all__ = [
-    "HLS_BANDS", "MODIS_TOA_BANDS", "PrithviViT", "SatVisionSwinV2", "TimmFeatures", "load_pretrained",
-    "load_satvision",
+    "HLS_BANDS", "MODIS_TOA_BANDS", "AudioSpectrogramTransformer", "PatchTST", "PointTransformer", "PrithviViT",
+    "SatVisionSwinV2", "TimmFeatures", "load_ast", "load_point_transformer", "load_pretrained", "load_satvision",
 ]

@@ -1,8 +1,17 @@
-"""Shared helpers for backbones that wrap timm models as multi-level feature extractors."""
+"""Shared backbone helpers: timm ViT block stacks, running them for multi-level features,
+feature-map layout, and making timm SwinV2 adapter-friendly."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from workbench.errors import UserInputError
 
 
 def to_nchw(features: list[Tensor], channels: list[int]) -> list[Tensor]:
@@ -19,3 +28,49 @@ def call_layers_as_modules(model: nn.Module) -> nn.Module:
         if hasattr(module, "qkv_bias_separate"):
             module.qkv_bias_separate = True
     return model
+
+
+class GradCheckpointing:
+    """timm's ``set_grad_checkpointing`` for backbones that run their blocks with :func:`run_blocks`."""
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations during backward instead of storing them: much less
+        activation memory for roughly one more forward pass of compute."""
+        self.grad_checkpointing = enable
+
+
+def run_blocks(blocks: nn.ModuleList, tokens: Tensor, out_indices: list[int], norm: nn.Module,
+               pos: Tensor | None = None, checkpointing: bool = False) -> list[Tensor]:
+    """Run transformer ``blocks`` over ``tokens`` ``(B, N, D)``; the outputs of the blocks in
+    ``out_indices`` (in that order, repeats allowed), the last block's through ``norm``.
+    ``pos`` ``(B, N, D)``, if given, is added to the input of every block (Point-BERT/MAE);
+    ``checkpointing`` recomputes block activations in backward (when gradients are on)."""
+    outputs: dict[int, Tensor] = {}
+    last = len(blocks) - 1
+    recompute = checkpointing and torch.is_grad_enabled()
+    for i, block in enumerate(blocks):
+        x = tokens if pos is None else tokens + pos
+        tokens = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        if i in out_indices:
+            outputs[i] = norm(tokens) if i == last else tokens
+    return [outputs[i] for i in out_indices]
+
+
+def checked_out_indices(out_indices: Sequence[int] | None, depth: int, default: list[int]) -> list[int]:
+    """``out_indices`` (``default`` when None), each checked to name one of ``depth`` blocks."""
+    indices = list(out_indices) if out_indices is not None else default
+    if not all(0 <= i < depth for i in indices):
+        raise UserInputError(f"out_indices {indices} must lie in [0, {depth - 1}]")
+    return indices
+
+
+def vit_blocks(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0,
+               norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, **block_kwargs: Any) -> nn.ModuleList:
+    """``depth`` timm ViT blocks (fused scaled-dot-product attention) with drop-path rising
+    linearly to ``drop_path_rate``."""
+    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    return nn.ModuleList(
+        Block(embed_dim, num_heads, mlp_ratio, drop_path=rate, norm_layer=norm_layer, **block_kwargs) for rate in rates
+    )

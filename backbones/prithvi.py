@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def default_out_indices(depth: int, levels: int = 4) -> list[int]:
     return [math.ceil((i + 1) * depth / levels) - 1 for i in range(levels)]
 
 
-class PrithviViT(nn.Module):
+class PrithviViT(GradCheckpointing, nn.Module):
     """Prithvi-EO encoder returning multi-level feature maps.
 
     Input ``(B, C, T, H, W)`` or ``(B, C, H, W)`` (one frame), ``C = len(bands)``; H and W any
@@ -146,9 +146,7 @@ class PrithviViT(nn.Module):
         self.patch_size = patch
         self.num_frames = num_frames
         self.embed_dim = embed_dim
-        self.out_indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
-        if not all(0 <= i < depth for i in self.out_indices):
-            raise UserInputError(f"out_indices {self.out_indices} must lie in [0, {depth - 1}]")
+        self.out_indices = checked_out_indices(out_indices, depth, default_out_indices(depth))
         frames = num_frames // patch[0]
         self.patch_embed = PatchEmbed3D(patch, len(self.bands), embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -156,19 +154,15 @@ class PrithviViT(nn.Module):
         self.location_embed_enc = LocationEncoder(embed_dim) if "location" in coords_encoding else None
         grid = (frames, img_size // patch[1], img_size // patch[2])
         self.register_buffer("pos_embed", sincos_3d(embed_dim, grid).unsqueeze(0), persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm)
-            for i in range(depth)
-        )
+        self.blocks = vit_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, norm, qkv_bias=True)
         self.norm = norm(embed_dim)
         self.feature_info = [
             {"num_chs": embed_dim * frames, "reduction": patch[1], "module": f"blocks.{i}"}
             for i in self.out_indices
         ]
         nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_linear_weights)
 
     def _position_embedding(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
         """``(1, T*h*w, D)`` for the token grid (the cached buffer when it is the default)."""
@@ -229,23 +223,16 @@ class PrithviViT(nn.Module):
         """``(B, C, [T,] H, W)`` → list of ``(B, D*T', H/p, W/p)``, one per ``out_indices``."""
         tokens, grid = self.embed(x, temporal_coords, location_coords)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        features = []
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens)
-            if i in self.out_indices:
-                out = self._to_map((self.norm(tokens) if i == last else tokens)[:, 1:], grid)
-                features.extend([out] * self.out_indices.count(i))
-        return features
+        outputs = run_blocks(self.blocks, tokens, self.out_indices, self.norm, checkpointing=self.grad_checkpointing)
+        return [self._to_map(out[:, 1:], grid) for out in outputs]
 
     def forward_visible(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """MAE encoder pass over the kept tokens only: ``tokens`` ``(B, N, D)`` from :meth:`embed`,
         ``keep`` ``(B, K)`` token indices → normed ``(B, 1 + K, D)`` (cls first)."""
         visible = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         out = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), visible], dim=1)
-        for block in self.blocks:
-            out = block(out)
-        return self.norm(out)
+        last = len(self.blocks) - 1
+        return run_blocks(self.blocks, out, [last], self.norm, checkpointing=self.grad_checkpointing)[0]
 
     @staticmethod
     def _to_map(tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -258,7 +245,7 @@ class PrithviViT(nn.Module):
         return self.forward_features(x, **coords)
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_linear_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
@@ -273,7 +260,7 @@ DECODER_PREFIXES = ("decoder.", "decoder_", "mask_token")
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist: give the path of a local .pt or .safetensors file")
     try:
@@ -285,7 +272,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable or not a checkpoint at all
         raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "base_model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -346,7 +333,7 @@ def load_pretrained(model: PrithviViT, path: str | Path) -> dict[str, Any]:
     unexpected or mis-shaped keys.
     """
     path = Path(path)
-    state = _strip_prefixes(_read_state_dict(path))
+    state = _strip_prefixes(read_state_dict(path))
     report: dict[str, Any] = {"file": str(path), "dropped": [], "new_bands": [], "kept_init": []}
     if state.pop("pos_embed", None) is not None:
         report["dropped"].append("pos_embed (fixed sin-cos, recomputed for the model grid)")

@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from backbones.prithvi import LocationEncoder, PrithviViT, TemporalEncoder, _init_weights, sincos_3d
+from backbones.prithvi import LocationEncoder, PrithviViT, TemporalEncoder, init_linear_weights, sincos_3d
 
 
 def as_frames(x: Tensor) -> Tensor:
@@ -77,7 +77,7 @@ class MAEDecoder(nn.Module):
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, self.patch_size[0] * self.patch_size[1] * self.patch_size[2] * self.channels)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_linear_weights)
 
     def forward(self, latent: Tensor, keep: Tensor, grid: tuple[int, int, int],
                 temporal_coords: Tensor | None = None, location_coords: Tensor | None = None) -> Tensor:
@@ -127,9 +127,9 @@ class PrithviMAE(nn.Module):
 
     def load_decoder(self, path: str | Path) -> dict[str, Any]:
         """Load an official checkpoint's ``decoder.*`` keys (position embeddings recomputed)."""
-        from backbones.prithvi import _read_state_dict
+        from backbones.prithvi import read_state_dict
 
-        state = {k[len("decoder."):]: v for k, v in _read_state_dict(Path(path)).items() if k.startswith("decoder.")}
+        state = {k[len("decoder."):]: v for k, v in read_state_dict(Path(path)).items() if k.startswith("decoder.")}
         state.pop("decoder_pos_embed", None)
         result = self.decoder.load_state_dict(state, strict=False)
         return {"missing": result.missing_keys, "unexpected": result.unexpected_keys}

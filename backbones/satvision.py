@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import register_model
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from backbones.factory import create_with_local_weights, register_backbone
 from backbones.features import call_layers_as_modules, to_nchw
 from workbench.errors import UserInputError
 
@@ -45,6 +45,10 @@ class SatVisionSwinV2(nn.Module):
             {"num_chs": embed_dim * 2**i, "reduction": patch_size * 2**i, "module": f"layers.{i}"}
             for i in range(len(depths))
         ]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (timm's SwinV2 stages do it per block)."""
+        self.model.set_grad_checkpointing(enable)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -100,27 +104,17 @@ def load_satvision(model: SatVisionSwinV2, path: str | Path) -> dict[str, Any]:
 
 def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> SatVisionSwinV2:
     """Build a named size; ``pretrained`` loads the local file in ``pretrained_cfg_overlay``."""
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    for timm_internal in ("pretrained_cfg", "cache_dir"):  # passed by timm.create_model
-        kwargs.pop(timm_internal, None)
-    model = SatVisionSwinV2(**{**arch, **kwargs})
-    if pretrained:
-        if not overlay.get("file"):
-            raise UserInputError("SatVision weights are not on a hub timm can reach: pass `pretrained: <local .pt>`")
-        load_satvision(model, overlay["file"])
-    return model
+    return create_with_local_weights(SatVisionSwinV2, arch, load_satvision, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(SatVisionSwinV2)
 def satvision_toa_giant(pretrained: bool = False, **kwargs: Any) -> SatVisionSwinV2:
     """SatVision-TOA giant: SwinV2-G, 14 MODIS TOA bands, 128 px, patch 4, window 8."""
     return _create({"embed_dim": 512, "depths": (2, 2, 42, 2), "num_heads": (16, 32, 64, 128)}, pretrained, **kwargs)
 
 
-@register_model
+@register_backbone(SatVisionSwinV2)
 def satvision_toa_tiny(pretrained: bool = False, **kwargs: Any) -> SatVisionSwinV2:
     """A small SwinV2 in the SatVision-TOA layout (for tests and CPU demos)."""
     return _create({"embed_dim": 64, "depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)}, pretrained, **kwargs)
 
-
-satvision_toa_giant.model_cls = satvision_toa_tiny.model_cls = SatVisionSwinV2

@@ -32,6 +32,10 @@ class TimmFeatures(nn.Module):
         self.feature_info = [{"num_chs": i["num_chs"], "reduction": i["reduction"], "module": i["module"]}
                              for i in self.model.feature_info.get_dicts()]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (timm's own switch)."""
+        self.model.set_grad_checkpointing(enable)
+
     def forward_features(self, x: Tensor) -> list[Tensor]:
         return to_nchw(list(self.model(x)), [i["num_chs"] for i in self.feature_info])
 

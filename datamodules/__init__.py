@@ -1,12 +1,30 @@
 """Datamodules: datasets (what a sample is), layouts (where files are), datamodules (splits,
 loaders), normalisation, and the embedded default data."""
 
+from datamodules.audio import AnimalSoundsDataModule, AudioFolderDataModule
 from datamodules.classification import GeoClassificationDataModule
+from datamodules.points import (
+    ClassifiedLasDataModule,
+    PointClassificationDataModule,
+    PointSegmentationDataModule,
+)
 from datamodules.regression import GeoRegressionDataModule
 from datamodules.samples import Sentinel2CoastDataModule, Sentinel2SwirDataModule, Sentinel2WaterDataModule
 from datamodules.segmentation import GeoSegmentationDataModule
+from datamodules.series import ForecastingDataModule, UCRDataModule
 
 __all__ = [
-    "GeoClassificationDataModule", "GeoRegressionDataModule", "GeoSegmentationDataModule",
-    "Sentinel2CoastDataModule", "Sentinel2SwirDataModule", "Sentinel2WaterDataModule",
+    "AnimalSoundsDataModule",
+    "AudioFolderDataModule",
+    "ClassifiedLasDataModule",
+    "ForecastingDataModule",
+    "GeoClassificationDataModule",
+    "GeoRegressionDataModule",
+    "GeoSegmentationDataModule",
+    "PointClassificationDataModule",
+    "PointSegmentationDataModule",
+    "Sentinel2CoastDataModule",
+    "Sentinel2SwirDataModule",
+    "Sentinel2WaterDataModule",
+    "UCRDataModule",
 ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from datamodules.splits import SPLITS
 from workbench.errors import UserInputError
 
 Pairs = list[tuple[Path, Path]]
-SPLITS = ("train", "val", "test")
 
 
 def _find_one(root: Path, name: str) -> Path:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
 import torch
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.normalize import Preprocessor
 from workbench.errors import UserInputError
+
+log = logging.getLogger(__name__)
+BadFiles = Literal["fail", "skip"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class ChipDataset(Dataset):
         label_map: dict[int, int] | None = None,
         augment: bool = False,
         target_band: int | None = None,
+        bad_files: BadFiles = "fail",
     ) -> None:
         """
         Args:
@@ -70,6 +77,8 @@ class ChipDataset(Dataset):
             augment: random flips and 90° rotations, applied to image and mask alike.
             target_band: 1-based band of the label file holding continuous targets (regression);
                 None: the label file holds classes.
+            bad_files: a chip whose file cannot be read (corrupt, truncated): ``fail`` with an
+                error naming the file, or ``skip`` it (warned once; another chip is served).
         """
         self.chips = chips
         self.layers = layers
@@ -81,9 +90,30 @@ class ChipDataset(Dataset):
         self.label_map = label_map or {}
         self.augment = augment
         self.target_band = target_band
+        self.bad_files = bad_files
+        self.skipped: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.chips)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """The chip, or with ``bad_files: skip`` the next readable one."""
+        for offset in range(len(self.chips)):
+            candidate = (index + offset) % len(self.chips)
+            if candidate in self.skipped:
+                continue
+            try:
+                return self.read_sample(candidate)
+            except RasterioError as err:
+                chip = self.chips[candidate]
+                if self.bad_files == "fail":
+                    raise UserInputError(
+                        f"{chip.image} (or its label {chip.mask}) could not be read: {err}. The file is corrupt "
+                        "or truncated: replace or remove it, or set data.init_args.bad_files: skip"
+                    ) from None
+                log.warning("skipping unreadable chip %s (label %s): %s", chip.image, chip.mask, err)
+                self.skipped.add(candidate)
+        raise UserInputError(f"no chip of this split could be read ({len(self.skipped)} unreadable files)")
 
     def read_layers(self, index: int) -> tuple[np.ndarray, float | None]:
         """Raw selected layers ``(L, H, W)`` of chip ``index`` and the nodata value in force."""
@@ -130,7 +160,8 @@ class ChipDataset(Dataset):
         target[~np.isfinite(target)] = np.nan
         return torch.from_numpy(target)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
+    def read_sample(self, index: int) -> dict[str, Tensor]:
+        """Chip ``index`` read, preprocessed, checked and (in training) augmented."""
         array, nodata = self.read_layers(index)
         if self.preprocess is None:
             return {"image": torch.from_numpy(array.astype(np.float32))}

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
+from rasterio.warp import Resampling, reproject
 from torch import Tensor
 from torch.utils.data import Dataset
-from rasterio.warp import Resampling, reproject
 
 from datamodules.bands import HLS_BANDS
 from datamodules.classification import LabelledChips

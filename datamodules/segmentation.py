@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import rasterio
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from rasterio.errors import RasterioError
 
 from datamodules.bands import HLS_BANDS, SENTINEL2_BANDS, select_bands
 from datamodules.layouts import SPLITS, burn_scars_pairs, glob_pairs, sen1floods11_pairs
-from datamodules.normalize import Preprocessor, load_band_stats
-from datamodules.raster import Chip, ChipDataset, grid_windows
+from datamodules.normalize import Preprocessor, load_band_stats, write_band_stats
+from datamodules.raster import BadFiles, Chip, ChipDataset, grid_windows
+from datamodules.splits import SplitDataModule, seeded_fraction
 from workbench.errors import UserInputError
 
+log = logging.getLogger(__name__)
 Layout = Literal["glob", "sen1floods11", "burn_scars"]
 LAYOUT_BANDS: dict[str, tuple[str, ...]] = {"sen1floods11": SENTINEL2_BANDS, "burn_scars": HLS_BANDS}
 LAYOUT_LABEL_MAPS: dict[str, dict[int, int]] = {"sen1floods11": {-1: 255}, "burn_scars": {-1: 255}}
 
 
-class GeoSegmentationDataModule(LightningDataModule):
+class GeoSegmentationDataModule(SplitDataModule):
     """Image/mask GeoTIFF chips → batches of ``image`` ``(B, C, [T,] H, W)``, ``mask`` ``(B, H, W)``.
 
     Layouts: ``glob`` (``images`` + ``masks`` patterns), ``sen1floods11`` and ``burn_scars``
@@ -57,6 +59,7 @@ class GeoSegmentationDataModule(LightningDataModule):
         seed: int = 0,
         train_fraction: float = 1.0,
         augment: bool = True,
+        bad_files: BadFiles = "fail",
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -74,7 +77,9 @@ class GeoSegmentationDataModule(LightningDataModule):
             class_names: one name per class (metric names, output metadata).
             mean: per selected band, in file units; with ``std``, or use ``stats_file``.
             std: per selected band.
-            stats_file: JSON written by ``workbench stats`` (used when mean/std are not given).
+            stats_file: band statistics JSON (used when mean/std are not given); when the file
+                does not exist yet it is computed from the training chips once and written there,
+                as ``workbench stats`` does, then reused by every later run.
             nodata: image nodata value (default: each file's own); such pixels are ignored.
             ignore_index: mask value excluded from loss and metrics.
             label_map: mask values to replace, e.g. ``{-1: 255}`` (layouts set their own).
@@ -85,17 +90,17 @@ class GeoSegmentationDataModule(LightningDataModule):
             seed: seed of the ratio split and of the ``train_fraction`` subset.
             train_fraction: train on this seeded fraction of the training chips (val/test unchanged).
             augment: random flips and rotations on the training split.
+            bad_files: chips whose files cannot be read (corrupt, truncated) ``fail`` the run
+                with the file named, or are ``skip``-ped with a warning.
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
             pin_memory: pin batches for faster host-to-GPU copies.
         """
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory, train_fraction, seed)
         if layout == "glob" and images is None:
             raise UserInputError("data.images: the glob layout needs an image pattern, e.g. 'images/*.tif'")
         if class_names is not None and len(class_names) != num_classes:
             raise UserInputError(f"data.class_names has {len(class_names)} names for num_classes={num_classes}")
-        if not 0.0 < train_fraction <= 1.0:
-            raise UserInputError(f"data.train_fraction {train_fraction} must be in (0, 1]")
         if abs(sum(split_ratios) - 1.0) > 1e-6:
             raise UserInputError(f"data.split_ratios {list(split_ratios)} must sum to 1")
         self.root = Path(root)
@@ -115,12 +120,8 @@ class GeoSegmentationDataModule(LightningDataModule):
         self.splits = splits
         self.split_ratios = split_ratios
         self.split_block = split_block
-        self.seed = seed
-        self.train_fraction = train_fraction
         self.augment = augment
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.bad_files = bad_files
 
     # --- files, chips and splits -------------------------------------------------------------
 
@@ -138,11 +139,18 @@ class GeoSegmentationDataModule(LightningDataModule):
         if self.chip_size is None:
             return [((i,), Chip(image, mask)) for i, (image, mask) in enumerate(pairs)]
         block = self.chip_size * self.split_block
-        return [
-            ((i, int(w.row_off) // block, int(w.col_off) // block), Chip(image, mask, w))
-            for i, (image, mask) in enumerate(pairs)
-            for w in grid_windows(image, self.chip_size)
-        ]
+        keyed = []
+        for i, (image, mask) in enumerate(pairs):
+            try:
+                windows = grid_windows(image, self.chip_size)
+            except RasterioError as err:
+                if self.bad_files == "fail":
+                    raise UserInputError(f"{image} could not be opened ({err}): replace or remove it, or set "
+                                         "data.init_args.bad_files: skip") from None
+                log.warning("skipping unreadable file %s: %s", image, err)
+                continue
+            keyed += [((i, int(w.row_off) // block, int(w.col_off) // block), Chip(image, mask, w)) for w in windows]
+        return keyed
 
     def _ratio_split(self, keyed: list[tuple[tuple, Chip]]) -> dict[str, list[Chip]]:
         blocks = sorted({key for key, _ in keyed})
@@ -170,11 +178,8 @@ class GeoSegmentationDataModule(LightningDataModule):
         else:
             keyed = self._chips(pairs)
             splits = self._listed_split(keyed) if self.splits else self._ratio_split(keyed)
-        if self.train_fraction < 1.0 and splits.get("train"):
-            train = splits["train"]
-            count = max(1, round(len(train) * self.train_fraction))
-            keep = sorted(random.Random(self.seed).sample(range(len(train)), count))
-            splits["train"] = [train[i] for i in keep]
+        if splits.get("train"):
+            splits["train"] = seeded_fraction(splits["train"], self.train_fraction, self.seed)
         return splits
 
     # --- bands and normalisation -------------------------------------------------------------
@@ -208,6 +213,9 @@ class GeoSegmentationDataModule(LightningDataModule):
             if mean is None or std is None:
                 raise UserInputError("data.mean and data.std go together: set both, or use data.stats_file")
         elif self.stats_file is not None:
+            if not Path(self.stats_file).is_file():
+                log.warning("computing band statistics of the training chips once into %s", self.stats_file)
+                write_band_stats(self, self.stats_file)
             mean, std = load_band_stats(self.stats_file, self.bands)
         else:
             raise UserInputError(
@@ -240,31 +248,5 @@ class GeoSegmentationDataModule(LightningDataModule):
             label_map=self.label_map,
             augment=self.augment and split == "train",
             target_band=self.target_band,
+            bad_files=self.bad_files,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        self.datasets = {s: self.dataset(s) for s in needed.get(stage or "fit", SPLITS)}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

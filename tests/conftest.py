@@ -70,32 +70,43 @@ def make_regression_chips(root: Path, n: int = 24, size: int = 32, seed: int = 0
 TINY_BACKBONE = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32, "num_frames": 1}
 
 
+def tiny_trainer(tmp_path: Path, monitor: str, mode: str, max_epochs: int = 6) -> dict:
+    """The trainer section of the tiny test configs: CPU, CSV logs under ``tmp_path/runs/tiny``,
+    best (by ``monitor``) and last checkpoints, weight export."""
+    return {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"},
+        },
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": monitor, "mode": mode}},
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"filename": "last"}},
+            {"class_path": "workbench.export.ExportWeights"},
+        ],
+    }
+
+
+def write_task_config(tmp_path: Path, model: dict, data: dict, monitor: str, mode: str = "min",
+                      max_epochs: int = 6) -> Path:
+    """A tiny fit config of ``model`` and ``data`` sections (class_path + init_args)."""
+    config = {"seed_everything": 0, "trainer": tiny_trainer(tmp_path, monitor, mode, max_epochs),
+              "model": model, "data": data}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def write_config(tmp_path: Path, **changes: dict) -> Path:
     """A tiny fit config over generated chips; ``changes`` update sections (deep for init_args)."""
     chips = make_segmentation_chips(tmp_path / "chips", n=24, size=32)
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 6,
-            "accelerator": "cpu",
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"monitor": "val/mIoU", "mode": "max"},
-                },
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"filename": "last"},
-                },
-                {"class_path": "workbench.export.ExportWeights"},
-            ],
-        },
+        "trainer": tiny_trainer(tmp_path, "val/mIoU", "max"),
         "model": {
             "class_path": "workbench.tasks.SegmentationTask",
             "init_args": {

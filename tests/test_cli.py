@@ -44,11 +44,13 @@ def test_fit_lowers_loss_tests_and_exports(tmp_path: Path) -> None:
     assert "lora" in results["strategy"]
     assert (run_dir / "export" / "adapter.safetensors").is_file()
     assert (run_dir / "export" / "merged.safetensors").is_file()
-    # resume from the last checkpoint and train two more epochs
+    # resume from the last checkpoint and train two more epochs: the run folder continues
     last = run_dir / "checkpoints" / "last.ckpt"
     assert main(["fit", "--config", str(config), "--trainer.max_epochs", "8",
                  "--ckpt_path", str(last), "--test_after_fit", "false"]) == 0
-    assert len(epoch_losses(tmp_path / "runs" / "tiny" / "version_1")) == 2
+    resumed = epoch_losses(run_dir)
+    assert len(resumed) == 8 and resumed[:6] == losses
+    assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
 
 
 @pytest.mark.parametrize(
@@ -113,9 +115,10 @@ def test_data_errors_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(["fit", "--config", str(config)]) == 2
     assert "has 6 bands but 4 are expected" in capsys.readouterr().err
     config = write_config(tmp_path)
-    mask = sorted((tmp_path / "chips" / "masks").glob("*.tif"))[0]
-    with rasterio.open(mask, "r+") as dst:
-        dst.write(np.full((1, 32, 32), 9, np.uint8))
+    masks = sorted((tmp_path / "chips" / "masks").glob("*.tif"))
+    for mask in masks:
+        with rasterio.open(mask, "r+") as dst:
+            dst.write(np.full((1, 32, 32), 9, np.uint8))
     assert main(["fit", "--config", str(config), "--trainer.max_epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert mask.name in err and "[9]" in err
+    assert any(mask.name in err for mask in masks) and "[9]" in err

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import write_config
 from workbench.cli import main
 from workbench.compare.arms import build_arms, parse_strategy
+from workbench.compare.report import seed_summary
 from workbench.errors import UserInputError
 
 
@@ -49,3 +50,10 @@ def test_compare_writes_table_and_plots_and_resumes(tmp_path: Path, capsys: pyte
     assert printed.count("already finished") == 3
     assert "resuming bitfit-f1-s0" in printed
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
+
+
+def test_seed_summary_averages_seeds() -> None:
+    rows = [{"strategy": "lora", "fraction": 1.0, "test": t} for t in (0.5, 0.7)]
+    lines = seed_summary(rows + [{"strategy": "full", "fraction": 1.0, "test": 0.9}], "accuracy")
+    assert "| lora | 1.0 | 2 | 0.6000 | 0.1414 |" in lines and "| full | 1.0 | 1 | 0.9000 | 0.0000 |" in lines
+    assert seed_summary(rows[:1], "accuracy") == []  # one seed per arm: no summary

@@ -147,6 +147,11 @@ def test_band_stats_file_round_trip(tmp_path: Path) -> None:
                       stats_file=str(partial))
     with pytest.raises(UserInputError, match=r"not for \['C'\].*recompute"):
         dm4.preprocessor()
+    cached = tmp_path / "cache" / "stats.json"  # a stats_file that does not exist yet: computed once, then read
+    dm5 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"], stats_file=str(cached))
+    assert dm5.preprocessor().mean == stats["mean"] and cached.is_file()
+    cached.write_text(json.dumps({**stats, "mean": [7.0] * 6}))
+    assert dm5.preprocessor().mean == [7.0] * 6  # reused, not recomputed
 
 
 def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:

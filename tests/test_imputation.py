@@ -53,7 +53,7 @@ def test_loss_uses_scored_gap_pixels_only() -> None:
 
 
 def test_imputation_cli_fit_lowers_loss(tmp_path: Path) -> None:
-    path = write_config(tmp_path, trainer={"max_epochs": 5})
+    path = write_config(tmp_path, trainer={"max_epochs": 6})
     config = yaml.safe_load(path.read_text())
     config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:2]
     config["trainer"]["callbacks"][0]["init_args"] = {"monitor": "val/loss", "mode": "min"}
@@ -63,7 +63,7 @@ def test_imputation_cli_fit_lowers_loss(tmp_path: Path) -> None:
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}}}
     path.write_text(yaml.safe_dump(config))
     losses, results = fit_run(path)
-    assert losses[-1] < losses[0]
+    assert sum(losses[-2:]) < sum(losses[:2])  # gaps are random per step: compare two-epoch means
     assert results["test"]["test/PSNR"] > 0
 
 

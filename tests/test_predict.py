@@ -140,7 +140,7 @@ def fit_checkpoint(tmp_path: Path, **changes: dict) -> tuple[Path, Path]:
     return config, ckpt
 
 
-def test_cli_predicts_folder_with_distinct_names(tmp_path: Path) -> None:
+def test_cli_predicts_folder_with_distinct_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config, ckpt = fit_checkpoint(tmp_path)  # the config's strategy is LoRA
     scenes = tmp_path / "scenes"
     for name in ("north", "south"):
@@ -153,6 +153,19 @@ def test_cli_predicts_folder_with_distinct_names(tmp_path: Path) -> None:
             "--output_dir", str(out), "--window", "32"]
     assert main(args) == 0
     assert sorted(p.name for p in out.glob("*_classes.tif")) == ["north_classes.tif", "south_classes.tif"]
+
+    # launched as two processes (torchrun sets RANK / WORLD_SIZE), each maps its share of the scenes
+    write_geotiff(scenes / "west.tif", np.random.default_rng(1).random((6, 40, 56), dtype=np.float32))
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        rank_out = tmp_path / f"rank{rank}"
+        assert main([*args[:-4], "--output_dir", str(rank_out), "--window", "32"]) == 0
+        shares.append({p.name for p in rank_out.glob("*_classes.tif")})
+    assert shares[0] | shares[1] == {"north_classes.tif", "south_classes.tif", "west_classes.tif"}
+    assert not shares[0] & shares[1] and len(shares[0]) == 2
+    np.testing.assert_array_equal(read(tmp_path / "rank1" / "south_classes.tif"), read(out / "south_classes.tif"))
 
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, i.e. the test process's own peak.

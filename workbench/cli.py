@@ -40,10 +40,13 @@ def link_data_to_model(parser: Any) -> None:
 
 
 def _lightning_cli_class() -> type:
+    import torch
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
 
     from workbench.atomic import write_json
+    from workbench.resume import ResumeRNG, continue_metrics, run_version
     from workbench.run_stats import RunStats
     from workbench.tasks import BaseTask
 
@@ -59,9 +62,21 @@ def _lightning_cli_class() -> type:
             )
             link_data_to_model(parser)
 
+        def before_instantiate_classes(self) -> None:
+            """Resuming from a run's checkpoint continues that run's folder (logger version)."""
+            config = self.config.get(self.subcommand)
+            logger = getattr(getattr(config, "trainer", None), "logger", None)
+            init = getattr(logger, "init_args", None)
+            if self.subcommand == "fit" and config.ckpt_path and init is not None and init.get("version") is None \
+                    and {"save_dir", "name"} <= set(vars(init)):
+                init.version = run_version(config.ckpt_path, init.save_dir, init.name)
+
         def before_fit(self) -> None:
             self.run_stats = RunStats()
-            self.trainer.callbacks.append(self.run_stats)
+            self.trainer.callbacks += [self.run_stats, ResumeRNG()]
+            ckpt, logger = self.config.fit.ckpt_path, self.trainer.logger
+            if ckpt and isinstance(logger, CSVLogger) and run_version(ckpt, logger.save_dir, logger.name) is not None:
+                continue_metrics(logger, torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["global_step"])
 
         def after_fit(self) -> None:
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:

@@ -1,13 +1,19 @@
-"""Models around a backbone: dense (backbone → neck → decoder → head) and scene-level
-(backbone → pooling head). Both freeze their backbone the same way."""
+"""Models around a backbone: dense (backbone → neck → decoder → head), scene-level (backbone →
+pooling head), series forecasting and reconstruction, per-point segmentation. All freeze their
+backbone the same way."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from backbones.patchtst import num_patches
 from heads import PixelHead, PoolingHead, build_decoder, build_neck
 from heads.decoders import DECODERS
+from heads.points import PointPropagationHead
+from heads.series import FlattenHead, PatchReconstructionHead, instance_normalize
+from workbench.errors import UserInputError
 from workbench.feature_cache import FeatureCache
 
 
@@ -36,9 +42,14 @@ class BackboneModel(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> BackboneModel:
+        """Also keeps frozen BatchNorm layers of the backbone (LoRA & co. freeze them) in eval
+        mode, so their running statistics stay the pretrained ones."""
         super().train(mode)
         if self._backbone_frozen:
             self.backbone.eval()
+        for module in self.backbone.modules():
+            if isinstance(module, _BatchNorm) and module.affine and not module.weight.requires_grad:
+                module.eval()
         return self
 
     def features(self, image: Tensor, **backbone_kwargs: Tensor) -> list[Tensor]:
@@ -96,3 +107,61 @@ class EncoderClassifier(BackboneModel):
 
     def forward(self, image: Tensor, **backbone_kwargs: Tensor) -> Tensor:
         return self.head(self.features(image, **backbone_kwargs)[-1])
+
+
+def patch_geometry(backbone: nn.Module) -> tuple[int, int]:
+    """``(patch_len, stride)`` of a patch-based series backbone (PatchTST)."""
+    if not hasattr(backbone, "patch_len"):
+        raise UserInputError(
+            f"forecasting and series imputation need a patch-based series backbone (patchtst_*), not "
+            f"{type(backbone).__name__}"
+        )
+    return backbone.patch_len, backbone.stride
+
+
+class SeriesForecaster(BackboneModel):
+    """``(B, M, context_length)`` → ``(B, M, horizon)``: each window standardized by its own
+    statistics (RevIN), PatchTST features, a flatten head, mapped back to data units."""
+
+    def __init__(self, backbone: nn.Module, context_length: int, horizon: int, dropout: float = 0.0) -> None:
+        super().__init__(backbone)
+        patch_len, stride = patch_geometry(backbone)
+        self.context_length = context_length
+        self.head = FlattenHead(backbone.embed_dim, num_patches(context_length, patch_len, stride), horizon, dropout)
+
+    def forward(self, series: Tensor) -> Tensor:
+        if series.shape[-1] != self.context_length:
+            raise UserInputError(
+                f"the forecaster was built for context_length {self.context_length}, got windows of "
+                f"{series.shape[-1]} steps: set model.init_args.context_length to the data's"
+            )
+        normalized, mean, std = instance_normalize(series)
+        return self.head(self.features(normalized)[-1]) * std + mean
+
+
+class SeriesReconstructor(BackboneModel):
+    """``(B, M, L)`` with an ``observed`` mask → the whole series ``(B, M, L)``: standardized by
+    the observed steps, gaps zeroed, per-patch reconstruction mapped back to data units."""
+
+    def __init__(self, backbone: nn.Module, dropout: float = 0.0) -> None:
+        super().__init__(backbone)
+        self.head = PatchReconstructionHead(backbone.embed_dim, *patch_geometry(backbone), dropout)
+
+    def forward(self, series: Tensor, observed: Tensor | None = None) -> Tensor:
+        normalized, mean, std = instance_normalize(series, observed)
+        return self.head(self.features(normalized)[-1], series.shape[-1]) * std + mean
+
+
+class PointSegmenter(BackboneModel):
+    """``(B, N, C)`` points → ``(B, num_classes, N)`` per-point logits from a point transformer's
+    group tokens (all its feature levels), propagated back to the points."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.5) -> None:
+        super().__init__(backbone)
+        if not hasattr(backbone, "centers"):
+            raise UserInputError(f"point segmentation needs a point backbone (point_mae_*), not {type(backbone).__name__}")
+        channels = sum(i["num_chs"] for i in backbone.feature_info)
+        self.head = PointPropagationHead(channels, backbone.in_chans, num_classes, dropout)
+
+    def forward(self, points: Tensor) -> Tensor:
+        return self.head(self.features(points), self.backbone.centers(points), points)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from workbench.tasks.base import model_input
+
 
 def peak_host_mib() -> float:
     """Peak resident memory of this process in MiB (``VmHWM``; ``ru_maxrss`` where no /proc)."""
@@ -52,7 +54,7 @@ class RunStats(Callback):
         self._sync(pl_module)
         self.device = str(pl_module.device)
         self.times.append(time.perf_counter() - self._start)
-        self.samples.append(len(batch["image"]) if isinstance(batch, dict) else len(batch[0]))
+        self.samples.append(len(model_input(batch)) if isinstance(batch, dict) else len(batch[0]))
 
     def summary(self) -> dict[str, Any]:
         cuda = self.device.startswith("cuda")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,23 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     for row in rows:
         cells = [f"{row[c]:,}" if isinstance(row[c], int) and c in ("trainable", "backbone_trainable", "total") else str(row[c]) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines + seed_summary(rows, metric)) + "\n")
+
+
+def seed_summary(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """Markdown lines: test ``metric`` mean ± sample std over seeds per strategy and fraction
+    (nothing when every arm ran one seed)."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["test"] is not None:
+            groups[(row["strategy"], row["fraction"])].append(row["test"])
+    if all(len(v) < 2 for v in groups.values()):
+        return []
+    lines = ["", f"Test {metric} over seeds:", "", "| strategy | fraction | seeds | mean | std |", "|---|---|---|---|---|"]
+    for (strategy, fraction), values in groups.items():
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {strategy} | {fraction} | {len(values)} | {statistics.mean(values):.4f} | {std:.4f} |")
+    return lines
 
 
 def _mean_by(rows: list[dict[str, Any]], keys: tuple[str, ...], value: str) -> dict[tuple, float]:

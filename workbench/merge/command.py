@@ -55,7 +55,7 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     return parsed
 
 
-def validation_scorer(config: str, metric: str, task: BaseTask):  # noqa: ANN201  (a closure)
+def validation_scorer(config: str, metric: str, task: BaseTask):
     """A function scoring plain model weights by ``metric`` on the config's validation split."""
     from lightning.pytorch import Trainer
 

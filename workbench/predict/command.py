@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,15 @@ def scene_spec(data: Any) -> SceneSpec:
     return SceneSpec(layers, len(data.file_bands) if data.file_bands else None, dtype, rgb)
 
 
+def process_rank() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` of this process under ``torchrun`` (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM ``srun`` (``SLURM_PROCID``, ...); ``(0, 1, 0)`` alone."""
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+    return 0, 1, 0
+
+
 def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     """``workbench predict --config fit.yaml --ckpt_path X.ckpt --inputs ... --output_dir DIR``."""
     parser = config_parser(
@@ -113,7 +123,9 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
         )
     data.prepare_data()
     load_checkpoint(task, cfg.ckpt_path)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rank, world, local_rank = process_rank()
+    auto = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = auto if cfg.device == "auto" else cfg.device
     window = cfg.window or getattr(data, "chip_size", None) or 224
     overlap = cfg.overlap if cfg.overlap is not None else window // 4
     predictor = TiledPredictor(
@@ -121,7 +133,10 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     )
     out_dir = Path(cfg.output_dir)
     written = {}
-    for files, stem in zip(scenes, scene_stems(scenes)):
+    mine = list(zip(scenes, scene_stems(scenes)))[rank::world]  # several processes: scenes split round-robin
+    if world > 1:
+        print(f"workbench: rank {rank} of {world} maps {len(mine)} of {len(scenes)} scenes on {device}")
+    for files, stem in mine:
         written[stem] = predictor.predict_scene(files, out_dir, stem, cfg.probabilities, cfg.quicklook)
         print(f"workbench: {stem} → {', '.join(str(p) for p in written[stem].values())}")
     return written

@@ -20,7 +20,6 @@ from workbench.predict.outputs import SceneWriter
 from workbench.predict.windows import WindowPlan, blend_weights
 from workbench.tasks.base import BaseTask
 
-
 GDAL_CACHE_MB = 64
 
 

@@ -31,7 +31,7 @@ class PromptTokens(nn.Module):
             block.register_forward_pre_hook(self._insert_hook(index))
             block.register_forward_hook(self._remove)
 
-    def _insert_hook(self, index: int):  # noqa: ANN202  (a hook closure)
+    def _insert_hook(self, index: int):
         def insert(_: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             tokens = args[0]
             if self.deep or index == 0:

@@ -2,9 +2,17 @@
 
 from workbench.tasks.base import BaseTask
 from workbench.tasks.classification import ClassificationTask
+from workbench.tasks.forecasting import ForecastingTask
 from workbench.tasks.imputation import ImputationTask
+from workbench.tasks.point_segmentation import PointSegmentationTask
 from workbench.tasks.pretrain import MAEPretrainTask
 from workbench.tasks.regression import RegressionTask
+from workbench.tasks.scalar_regression import ScalarRegressionTask
 from workbench.tasks.segmentation import SegmentationTask
+from workbench.tasks.series_imputation import SeriesImputationTask
 
-__all__ = ["BaseTask", "ClassificationTask", "ImputationTask", "MAEPretrainTask", "RegressionTask", "SegmentationTask"]
+__all__ = [
+    "BaseTask", "ClassificationTask", "ForecastingTask", "ImputationTask", "MAEPretrainTask", "PointSegmentationTask",
+    "RegressionTask",
+    "ScalarRegressionTask", "SegmentationTask", "SeriesImputationTask",
+]

@@ -22,6 +22,16 @@ from workbench.strategies import Full, Strategy, StrategyReport
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 BACKBONE_INPUTS = ("temporal_coords", "location_coords")
+MODEL_INPUTS = ("image", "series", "points")  # rasters and spectrograms, time series, point clouds
+
+
+def model_input(batch: dict[str, Tensor]) -> Tensor:
+    """The batch entry the model reads: ``image`` ``(B, C, [T,] H, W)`` (rasters, spectrograms),
+    ``series`` ``(B, M, L)`` or ``points`` ``(B, N, 3 + F)``."""
+    for key in MODEL_INPUTS:
+        if key in batch:
+            return batch[key]
+    raise UserInputError(f"a batch has none of {MODEL_INPUTS} (it has {sorted(batch)}): check the datamodule")
 
 
 def create_backbone(
@@ -97,6 +107,8 @@ class BaseTask(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_multipliers: dict[str, float] | None = None,
         layer_decay: float | None = None,
+        activation_checkpointing: bool = False,
+        compile_model: bool = False,
     ) -> None:
         """
         Args:
@@ -112,6 +124,10 @@ class BaseTask(LightningModule):
                 prompts, SSF vectors, ...) and ``head`` (neck, decoder, head); default 1.
             layer_decay: layer-wise LR decay for the encoder: block ``i`` of ``L`` gets
                 ``layer_decay ** (L - i)`` (embeddings one step less), e.g. 0.75.
+            activation_checkpointing: recompute the backbone's block activations in backward
+                (timm's ``set_grad_checkpointing``): far less activation memory, ~1 more forward.
+            compile_model: ``torch.compile`` the model for training (first steps compile; the
+                weights' names do not change, checkpoints load either way).
         """
         unknown = set(lr_multipliers or {}) - set(PARAMETER_GROUPS)
         if unknown:
@@ -130,6 +146,10 @@ class BaseTask(LightningModule):
         """Create the backbone, build ``self.model`` around it and apply the strategy."""
         hp = self.hparams
         encoder = create_backbone(hp.backbone, hp.bands, hp.pretrained, hp.backbone_kwargs)
+        if hp.activation_checkpointing:
+            if not hasattr(encoder, "set_grad_checkpointing"):
+                raise UserInputError(f"model.activation_checkpointing: backbone {hp.backbone!r} has no checkpointing switch")
+            encoder.set_grad_checkpointing(True)
         self.model = self.build_model(encoder)
         self.strategy_report: StrategyReport = self.strategy.apply(self.model)
         log.info("%s", self.strategy_report)
@@ -137,6 +157,11 @@ class BaseTask(LightningModule):
             metrics = self.metrics(stage)
             if metrics is not None:
                 setattr(self, f"{stage}_metrics", metrics)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile_model and stage == "fit" and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
 
     def metrics(self, stage: str) -> MetricCollection | None:
         """The task's metrics for ``stage``, names prefixed ``<stage>/``; None: the loss only."""
@@ -155,20 +180,23 @@ class BaseTask(LightningModule):
         return {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
 
     def forward_batch(self, batch: dict[str, Tensor]) -> Tensor:
-        """Model outputs for a batch dict with ``image`` (and optional coordinates)."""
-        return self(batch["image"], **self.backbone_inputs(batch))
+        """Model outputs for a batch dict with the model input (and optional coordinates)."""
+        return self(model_input(batch), **self.backbone_inputs(batch))
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Loss of ``batch`` (logged, with the metrics of ``stage``: train, val or test)."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self.batch_idx = batch_idx
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.batch_idx = batch_idx  # for per-batch seeded evaluation (fixed gaps, masks)
         self._step(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.batch_idx = batch_idx
         self._step(batch, "test")
 
     def _log_metrics(self, stage: str) -> None:
@@ -197,7 +225,7 @@ class BaseTask(LightningModule):
             )
         if self.strategy.init_batches and self.trainer.ckpt_path is None:
             loader = self.trainer.datamodule.train_dataloader()
-            batches = [batch["image"].to(self.device) for batch, _ in zip(loader, range(self.strategy.init_batches))]
+            batches = [model_input(batch).to(self.device) for batch, _ in zip(loader, range(self.strategy.init_batches))]
             self.strategy.initialize(self.model, batches)
             print(f"workbench: {self.strategy.name} initialized from {len(batches)} training batches")
 

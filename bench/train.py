@@ -1,0 +1,120 @@
+"""Training memory and speed of Prithvi-EO shapes under full / LoRA / frozen, with and without
+activation checkpointing (random weights, UPerNet decoder, cross-entropy on random masks).
+
+Each case runs in its own process and prints one JSON line: samples/s over the timed steps and
+peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS, VmHWM).
+
+    python bench/train.py                                   # 100M and 300M, all cases
+    python bench/train.py --sizes 100m --batch_size 8 --precision bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {"tiny": "prithvi_eo_v2_tiny_tl", "100m": "prithvi_eo_v2_100m_tl", "300m": "prithvi_eo_v2_300m_tl",
+         "600m": "prithvi_eo_v2_600m_tl"}
+STRATEGIES = {"full": "Full", "lora": "LoRA", "frozen": "Frozen"}
+
+
+def run_case(args: argparse.Namespace) -> dict:
+    """One training configuration, in this process."""
+    import timm
+    import torch
+
+    import backbones  # noqa: F401  (registers the models)
+    from workbench import strategies
+    from workbench.model import build_encoder_decoder
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    backbone = timm.create_model(SIZES[args.size], img_size=args.img_size, num_frames=args.frames)
+    backbone.set_grad_checkpointing(args.checkpointing)
+    model = build_encoder_decoder(backbone, "uper", 256, 2).to(device)
+    report = getattr(strategies, STRATEGIES[args.strategy])().apply(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    shape = (args.batch_size, len(backbone.bands), args.frames, args.img_size, args.img_size)
+    image = torch.randn(shape, device=device)
+    mask = torch.randint(0, 2, (args.batch_size, args.img_size, args.img_size), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(image), mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocations, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    return {
+        "backbone": SIZES[args.size], "strategy": args.strategy, "checkpointing": args.checkpointing,
+        "trainable": report.trainable, "total": report.total, "batch_size": args.batch_size,
+        "img_size": args.img_size, "frames": args.frames, "precision": args.precision, "device": str(device),
+        "steps": args.steps, "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
+        "step_s": round(seconds / args.steps, 3), "peak_mib": round(peak, 1),
+        "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["100m", "300m"], choices=sorted(SIZES))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--img_size", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: size,strategy,on|off
+    args = parser.parse_args()
+    if args.case:
+        args.size, args.strategy, on = args.case.split(",")
+        args.checkpointing = on == "on"
+        print(json.dumps(run_case(args)), flush=True)
+        return
+    common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--frames={args.frames}",
+              f"--steps={args.steps}", f"--precision={args.precision}", f"--device={args.device}"]
+    for size in args.sizes:
+        for strategy in args.strategies:
+            for on in args.checkpointing:
+                done = subprocess.run([sys.executable, __file__, f"--case={size},{strategy},{on}", *common],
+                                      capture_output=True, text=True)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                if done.returncode or not lines:
+                    print(json.dumps({"backbone": SIZES[size], "strategy": strategy, "checkpointing": on == "on",
+                                      "error": (done.stderr.strip().splitlines() or ["?"])[-1]}), flush=True)
+                else:
+                    print(lines[-1], flush=True)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

@@ -1,0 +1,76 @@
+"""Time-series forecasting: the next ``horizon`` steps of every channel from a context window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+
+from heads.series import instance_normalize
+from workbench.errors import UserInputError
+from workbench.model import SeriesForecaster
+from workbench.tasks.base import BaseTask
+
+
+class ForecastingTask(BaseTask):
+    """PatchTST-style forecasting: batches hold ``series`` ``(B, M, context_length)`` and
+    ``target`` ``(B, M, horizon)``.
+
+    The loss is the MSE in units of each window's own standard deviation (scale-free across
+    series); metrics MSE and MAE are in data units, next to ``naive_MAE`` (repeat the last
+    observed value) for scale.
+    """
+
+    def __init__(
+        self,
+        context_length: int = 36,
+        horizon: int = 12,
+        head_dropout: float = 0.1,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            context_length: steps the model sees (must equal ``data.context_length``).
+            horizon: steps forecast (must equal ``data.horizon``).
+            head_dropout: dropout before the flatten head.
+            num_classes: ignored (linked from every datamodule).
+            class_names: ignored, as ``num_classes``.
+            **kwargs: :class:`BaseTask` arguments (backbone, strategy, optimizer, ...).
+        """
+        super().__init__(**kwargs)
+        self.setup_model()
+
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        hp = self.hparams
+        return SeriesForecaster(backbone, hp.context_length, hp.horizon, hp.head_dropout)
+
+    def metrics(self, stage: str) -> MetricCollection:
+        return MetricCollection({"MSE": MeanSquaredError(), "MAE": MeanAbsoluteError()}, prefix=f"{stage}/")
+
+    def on_fit_start(self) -> None:
+        data = self.trainer.datamodule
+        for field in ("context_length", "horizon"):
+            if getattr(data, field, self.hparams[field]) != self.hparams[field]:
+                raise UserInputError(
+                    f"model.init_args.{field} is {self.hparams[field]} but data.init_args.{field} is "
+                    f"{getattr(data, field)}: set both to the same value"
+                )
+        super().on_fit_start()
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        series, target = batch["series"], batch["target"]
+        pred = self.forward_batch(batch)
+        _, _, scale = instance_normalize(series)
+        loss = ((pred - target) / scale).square().mean()
+        size = series.shape[0]
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log(f"{stage}/naive_MAE", (series[..., -1:] - target).abs().mean(), on_epoch=True, batch_size=size)
+        getattr(self, f"{stage}_metrics").update(pred.detach().flatten(), target.flatten())
+        return loss
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Forecasts ``(B, M, horizon)`` in data units."""
+        return self.forward_batch(batch)
