@@ -5,9 +5,11 @@ from backbones.patchtst import PatchTST
 from backbones.point_transformer import PointTransformer, load_point_transformer
 from backbones.prithvi import HLS_BANDS, PrithviViT, load_pretrained
 from backbones.satvision import MODIS_TOA_BANDS, SatVisionSwinV2, load_satvision
+from backbones.smp_encoders import SmpEncoder, load_smp_encoder
 from backbones.timm_features import TimmFeatures
 
 __all__ = [
     "HLS_BANDS", "MODIS_TOA_BANDS", "AudioSpectrogramTransformer", "PatchTST", "PointTransformer", "PrithviViT",
-    "SatVisionSwinV2", "TimmFeatures", "load_ast", "load_point_transformer", "load_pretrained", "load_satvision",
+    "SatVisionSwinV2", "SmpEncoder", "TimmFeatures", "load_ast", "load_point_transformer", "load_pretrained",
+    "load_satvision", "load_smp_encoder",
 ]

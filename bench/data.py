@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--scene_size", type=int, default=8192)
+    parser.add_argument("--scene_size", type=int, default=4096)
     args = parser.parse_args()
     from datamodules import GeoSegmentationDataModule, Sentinel2WaterDataModule
 
@@ -68,7 +68,7 @@ def main() -> None:
             cases = {
                 "sentinel2_water (128 px windows)": Sentinel2WaterDataModule(
                     batch_size=args.batch_size, num_workers=workers),
-                f"generated {args.scene_size}² scene (224 px windows)": GeoSegmentationDataModule(
+                f"generated {args.scene_size}x{args.scene_size} scene (224 px windows)": GeoSegmentationDataModule(
                     root=tmp, images="scene.tif", masks="mask.tif", chip_size=224, mean=[5000.0] * 6,
                     std=[2900.0] * 6, split_block=4, batch_size=args.batch_size, num_workers=workers),
             }

@@ -100,7 +100,7 @@ def main() -> None:
         for strategy in args.strategies:
             for on in args.checkpointing:
                 done = subprocess.run([sys.executable, __file__, f"--case={size},{strategy},{on}", *common],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, check=False)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 if done.returncode or not lines:
                     print(json.dumps({"backbone": SIZES[size], "strategy": strategy, "checkpointing": on == "on",

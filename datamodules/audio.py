@@ -28,19 +28,26 @@ from workbench.errors import UserInputError
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
 
 
-def load_audio(path: Path, sample_rate: int) -> Tensor:
-    """Mono float32 samples of ``path`` at ``sample_rate`` Hz."""
+def load_audio(path: Path, sample_rate: int, start: int = 0, frames: int | None = None) -> Tensor:
+    """Mono float32 samples of ``path`` at ``sample_rate`` Hz: the whole file, or ``frames``
+    samples from ``start`` (both at ``sample_rate``; only that part is decoded)."""
     import soundfile
     from scipy.signal import resample_poly
 
     try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(str(path)) as f:
+            rate = f.samplerate
+            if start:
+                f.seek(min(int(start * rate / sample_rate), f.frames))
+            count = -1 if frames is None else math.ceil(frames * rate / sample_rate)
+            samples = f.read(count, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError types
         raise UserInputError(f"audio file {path} could not be decoded ({err}); use wav, flac, mp3 or ogg") from None
     mono = samples.mean(1)
     if rate != sample_rate:
         g = math.gcd(rate, sample_rate)
         mono = resample_poly(mono, sample_rate // g, rate // g).astype(np.float32)
+    mono = mono if frames is None else mono[:frames]
     return torch.from_numpy(np.ascontiguousarray(mono))
 
 
@@ -101,13 +108,15 @@ def spec_augment(spec: Tensor, freq_mask: int, time_mask: int, generator: torch.
 class AudioWindows(Dataset):
     """Fixed-length windows of audio files: ``image`` ``(1, n_mels, frames)`` and ``label``.
 
-    ``windows`` are ``(file index, start sample)``; with ``train`` each window is shifted by up
-    to half a hop at random and SpecAugment-masked. ``mean``/``std`` standardize the log-mel.
+    ``windows`` are ``(file index, start sample, file length)``; only the window is decoded, so
+    memory does not depend on recording length. With ``train`` each window is shifted by up to a
+    quarter of its length at random and SpecAugment-masked. ``mean``/``std`` standardize the
+    log-mel values.
     """
 
-    def __init__(self, files: list[Path], labels: list[int], windows: list[tuple[int, int]], sample_rate: int,
-                 clip_samples: int, mel: LogMel, mean: float = 0.0, std: float = 1.0, train: bool = False,
-                 freq_mask: int = 0, time_mask: int = 0) -> None:
+    def __init__(self, files: list[Path], labels: list[int], windows: list[tuple[int, int, int]],
+                 sample_rate: int, clip_samples: int, mel: LogMel, mean: float = 0.0, std: float = 1.0,
+                 train: bool = False, freq_mask: int = 0, time_mask: int = 0) -> None:
         self.files, self.labels, self.windows = files, labels, windows
         self.sample_rate, self.clip_samples, self.mel = sample_rate, clip_samples, mel
         self.mean, self.std, self.train = mean, std, train
@@ -116,23 +125,12 @@ class AudioWindows(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    @cached_property
-    def audio(self) -> dict[int, Tensor]:
-        """Decoded files, once per worker (clips are short; long recordings are cut to windows)."""
-        return {}
-
-    def samples(self, file: int) -> Tensor:
-        if file not in self.audio:
-            self.audio[file] = load_audio(self.files[file], self.sample_rate)
-        return self.audio[file]
-
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        file, start = self.windows[index]
-        audio = self.samples(file)
+        file, start, length = self.windows[index]
         if self.train:
             start += int(torch.randint(-self.clip_samples // 4, self.clip_samples // 4 + 1, (1,)))
-            start = max(0, min(start, len(audio) - self.clip_samples))
-        clip = audio[start:start + self.clip_samples]
+            start = max(0, min(start, length - self.clip_samples))
+        clip = load_audio(self.files[file], self.sample_rate, start, self.clip_samples)
         clip = nn.functional.pad(clip, (0, self.clip_samples - len(clip)))
         spec = ((self.mel(clip) - self.mean) / self.std).unsqueeze(0)
         if self.train and (self.freq_mask or self.time_mask):
@@ -208,14 +206,15 @@ class AudioFolderDataModule(SplitDataModule):
         windows = []
         for i, file in enumerate(files):
             length = audio_length(file, self.sample_rate)
-            windows += [(i, start) for start in range(0, max(1, length - self.clip_samples + hop), hop)]
+            windows += [(i, start, length) for start in range(0, max(1, length - self.clip_samples + hop), hop)]
         return AudioWindows(files, labels, windows, self.sample_rate, self.clip_samples, self.mel)
 
     @cached_property
     def stats(self) -> tuple[float, float]:
-        """Mean and std of the training log-mel values."""
+        """Mean and std of the training log-mel values (of up to 512 evenly spaced windows)."""
         train = self._windows("train")
-        specs = torch.stack([train[i]["image"] for i in range(len(train))])
+        step = max(1, math.ceil(len(train) / 512))
+        specs = torch.stack([train[i]["image"] for i in range(0, len(train), step)])
         return float(specs.mean()), float(specs.std())
 
     def dataset(self, split: str) -> AudioWindows:

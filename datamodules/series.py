@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,7 @@ class UCRDataModule(SplitDataModule):
             raise UserInputError(f"data.name {name!r} is not shipped in aeon; choose from {EMBEDDED_UCR} or set data.root")
         self.name, self.root = name, root
         self.val_fraction, self.normalize = val_fraction, normalize
+        self.parsed: dict[str, LabelledSeries] = {}
         train = self.read("TRAIN")
         self.class_names = train.class_names or []
         self.num_classes = len(self.class_names) or 1
@@ -179,10 +181,9 @@ class UCRDataModule(SplitDataModule):
 
     def read(self, part: str) -> LabelledSeries:
         """The ``TRAIN`` or ``TEST`` file, parsed once."""
-        cache = self.__dict__.setdefault("_parsed", {})
-        if part not in cache:
-            cache[part] = read_ts(self.folder() / f"{self.name}_{part}.ts")
-        return cache[part]
+        if part not in self.parsed:
+            self.parsed[part] = read_ts(self.folder() / f"{self.name}_{part}.ts")
+        return self.parsed[part]
 
     def _train_val_indices(self) -> dict[str, np.ndarray]:
         train = self.read("TRAIN")
@@ -237,6 +238,8 @@ def read_table(path: Path, columns: list[str] | None) -> tuple[np.ndarray, list[
 
     if not path.is_file():
         raise UserInputError(f"data.path: table {path} does not exist")
+    if path.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise UserInputError(f"{path}: reading Parquet needs pyarrow: pip install 'workbench[parquet]'")
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     if columns is None:
         columns = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c]) and not str(c).startswith("Unnamed")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,7 +40,7 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):  # noqa: ANN204  (an iterator of ints)
+    def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         skip, self.skip = self.skip, 0
         return iter(order[skip:])

@@ -31,6 +31,10 @@ def test_load_audio_resamples_and_mixes_down(tmp_path: Path) -> None:
     assert audio.dtype == torch.float32 and audio.shape == (16000,)
     spectrum = torch.fft.rfft(audio).abs()
     assert abs(int(spectrum.argmax()) - 440) <= 2  # 1 s at 16 kHz: bin k is k Hz
+    native = write_tone(tmp_path / "b.wav", 300.0, 1.0, 16000)
+    full = load_audio(native, 16000)
+    torch.testing.assert_close(load_audio(native, 16000, start=8000, frames=4000), full[8000:12000], atol=1e-4, rtol=0)
+    assert load_audio(path, 16000, start=4000, frames=2000).shape == (2000,)  # a resampled part
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     with pytest.raises(UserInputError, match="bad.wav could not be decoded"):
         load_audio(tmp_path / "bad.wav", 16000)

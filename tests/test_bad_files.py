@@ -32,7 +32,7 @@ def test_bad_files_fail_with_their_path(tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize("chip_size", [None, 32], ids=["whole-files", "windows"])
 def test_bad_files_skipped_on_request(tmp_path: Path, chip_size: int | None, caplog: pytest.LogCaptureFixture) -> None:
     config = write_config(tmp_path, trainer={"max_epochs": 2}, data={"bad_files": "skip", "chip_size": chip_size})
-    truncated, garbage = corrupt(tmp_path)
+    _, garbage = corrupt(tmp_path)
     losses, results = fit_run(config)
     assert len(losses) == 2 and 0.0 <= results["test"]["test/mIoU"] <= 1.0
     warned = " ".join(r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage())

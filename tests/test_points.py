@@ -51,7 +51,9 @@ def test_readers_agree_across_formats(tmp_path: Path) -> None:
                       dtype=[("x", "f8"), ("y", "f8"), ("z", "f8"), ("intensity", "f4"), ("classification", "u1")])
     PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp_path / "a.ply"))
     np.save(tmp_path / "a.npy", np.column_stack([las.xyz, las.features[:, 0], las.codes]))
-    for other in (read_cloud(tmp_path / "a.ply", ["intensity"]), read_cloud(tmp_path / "a.npy", ["intensity"])):
+    laspy.read(tmp_path / "a.las").write(tmp_path / "a.laz")  # LAZ: compressed with lazrs
+    others = [read_cloud(tmp_path / f"a.{suffix}", ["intensity"]) for suffix in ("ply", "npy", "laz")]
+    for other in others:
         np.testing.assert_allclose(other.xyz, las.xyz)
         np.testing.assert_allclose(other.features, las.features)
         np.testing.assert_array_equal(other.codes, las.codes)

@@ -108,3 +108,23 @@ def test_timm_backbone_by_name_fits_through_the_cli(tmp_path: Path) -> None:
         create_backbone("vit_tiny_patch16_224", None, None, {"img_size": 32}), 4)
     convnext = create_backbone("convnext_atto", ["B"] * 5, None, None)
     assert [f.shape[1] for f in convnext.forward_features(torch.randn(1, 5, 64, 64))] == [40, 80, 160, 320]
+
+
+def test_smp_encoder_loads_a_unet_checkpoint_and_fits(tmp_path: Path) -> None:
+    import segmentation_models_pytorch as smp
+
+    unet = smp.Unet("resnet18", encoder_weights=None, in_channels=6, classes=3)  # e.g. a released EO U-Net
+    torch.save({"state_dict": {f"model.{k}": v for k, v in unet.state_dict().items()}}, tmp_path / "unet.ckpt")
+    encoder = create_backbone("smp:resnet18", ["B"] * 6, str(tmp_path / "unet.ckpt"), None)
+    for key, value in unet.encoder.state_dict().items():
+        torch.testing.assert_close(encoder.model.state_dict()[key], value)
+    assert [i["reduction"] for i in encoder.feature_info] == [2, 4, 8, 16, 32]
+    with pytest.raises(UserInputError, match="does not fit"):
+        create_backbone("smp:resnet34", ["B"] * 6, str(tmp_path / "unet.ckpt"), None)
+
+    config = write_config(tmp_path, model={"backbone": "smp:resnet18", "backbone_kwargs": {"in_chans": 6},
+                                           "strategy": {"class_path": "workbench.strategies.BitFit"}},
+                          trainer={"max_epochs": 2})
+    losses, results = fit_run(config)
+    biases = sum(m.bias.numel() for m in encoder.modules() if getattr(m, "bias", None) is not None)
+    assert len(losses) == 2 and results["backbone_trainable"] == biases  # BatchNorm betas: the CNN's biases

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -86,6 +87,10 @@ def test_forecasting_windows_split_by_time(tmp_path: Path) -> None:
         f.write("date,a,b\n" + "".join(f"d{i},{np.sin(i / 5):.4f},{i}\n" for i in t))
     dm = ForecastingDataModule(str(path), context_length=24, horizon=6, split_ratios=(0.6, 0.2, 0.2))
     assert dm.bands == ["a", "b"]  # the date column is not a channel
+    pd.read_csv(path).to_parquet(tmp_path / "table.parquet")
+    parquet = ForecastingDataModule(str(tmp_path / "table.parquet"), context_length=24, horizon=6,
+                                    split_ratios=(0.6, 0.2, 0.2))
+    torch.testing.assert_close(parquet.table, dm.table)
     sample = dm.dataset("val")[0]
     assert sample["series"].shape == (2, 24) and sample["target"].shape == (2, 6)
     first_val_target_step = int(sample["target"][1, 0])

@@ -65,10 +65,10 @@ def _lightning_cli_class() -> type:
         def before_instantiate_classes(self) -> None:
             """Resuming from a run's checkpoint continues that run's folder (logger version)."""
             config = self.config.get(self.subcommand)
-            logger = getattr(getattr(config, "trainer", None), "logger", None)
-            init = getattr(logger, "init_args", None)
-            if self.subcommand == "fit" and config.ckpt_path and init is not None and init.get("version") is None \
-                    and {"save_dir", "name"} <= set(vars(init)):
+            if self.subcommand != "fit" or not config.ckpt_path:
+                return
+            init = getattr(getattr(config.trainer, "logger", None), "init_args", None)  # a logger given by class
+            if init is not None and init.get("version") is None and {"save_dir", "name"} <= set(vars(init)):
                 init.version = run_version(config.ckpt_path, init.save_dir, init.name)
 
         def before_fit(self) -> None:

@@ -92,7 +92,8 @@ def build_encoder_decoder(
     info = backbone.feature_info
     levels = [len(info) - 1] if getattr(DECODERS.get(decoder), "coarsest_only", False) else None
     used = [info[i] for i in levels] if levels else info
-    neck = build_neck(used)
+    hierarchical = len({i["reduction"] for i in info}) > 1  # maps at several strides need no neck
+    neck = None if hierarchical else build_neck(used)
     channels = neck.out_channels if neck is not None else [i["num_chs"] for i in used]
     dec = build_decoder(decoder, channels, decoder_channels)
     return EncoderDecoder(backbone, neck, dec, PixelHead(dec.out_channels, num_classes, head_dropout), levels)

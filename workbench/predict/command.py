@@ -91,7 +91,7 @@ def process_rank() -> tuple[int, int, int]:
     ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM ``srun`` (``SLURM_PROCID``, ...); ``(0, 1, 0)`` alone."""
     for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
         if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, "0"))
     return 0, 1, 0
 
 

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from backbones import TimmFeatures  # importing backbones registers them with timm
+from backbones.smp_encoders import PREFIX as SMP_PREFIX
+from backbones.smp_encoders import create_smp_encoder
 from workbench.errors import UserInputError
 from workbench.optim import PARAMETER_GROUPS, parameter_groups
 from workbench.strategies import Full, Strategy, StrategyReport
@@ -42,9 +44,10 @@ def create_backbone(
 ) -> nn.Module:
     """Create a registered timm backbone, optionally loading a local checkpoint.
 
-    Workbench backbones (``prithvi_*``, ``satvision_*``) are built directly; any other timm model
-    (``convnext_tiny``, ``vit_small_patch16_224``, ``swin_tiny_patch4_window7_224``, ...) is wrapped
-    by :class:`~backbones.TimmFeatures` (its ``features_only`` feature maps).
+    Workbench backbones (``prithvi_*``, ``satvision_*``, ``ast_*``, ``patchtst_*``, ``point_mae_*``)
+    are built directly; any other timm model (``convnext_tiny``, ``vit_small_patch16_224``, ...)
+    is wrapped by :class:`~backbones.TimmFeatures` (its ``features_only`` feature maps), and
+    ``smp:<encoder>`` names a segmentation-models-pytorch encoder (``smp:resnet34``, ...).
 
     Args:
         name: timm model name, e.g. ``prithvi_eo_v2_300m_tl``.
@@ -53,6 +56,8 @@ def create_backbone(
         pretrained: local checkpoint path in the family's official layout, or None for random init.
         backbone_kwargs: extra constructor arguments (``num_frames``, ``img_size``, ...).
     """
+    if name.startswith(SMP_PREFIX):
+        return create_smp_encoder(name, bands, pretrained, backbone_kwargs)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise UserInputError(
