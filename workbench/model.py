@@ -42,13 +42,14 @@ class BackboneModel(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> BackboneModel:
-        """Also keeps frozen BatchNorm layers of the backbone (LoRA & co. freeze them) in eval
-        mode, so their running statistics stay the pretrained ones."""
+        """Also keeps the backbone's frozen BatchNorm layers (no affine parameter trains: LoRA &
+        co.) in eval mode, so their running statistics stay the pretrained ones."""
         super().train(mode)
         if self._backbone_frozen:
             self.backbone.eval()
         for module in self.backbone.modules():
-            if isinstance(module, _BatchNorm) and module.affine and not module.weight.requires_grad:
+            if isinstance(module, _BatchNorm) and module.affine and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)):
                 module.eval()
         return self
 
