@@ -27,8 +27,6 @@ class ForecastingTask(BaseTask):
         context_length: int = 36,
         horizon: int = 12,
         head_dropout: float = 0.1,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -36,8 +34,6 @@ class ForecastingTask(BaseTask):
             context_length: steps the model sees (must equal ``data.context_length``).
             horizon: steps forecast (must equal ``data.horizon``).
             head_dropout: dropout before the flatten head.
-            num_classes: ignored (linked from every datamodule).
-            class_names: ignored, as ``num_classes``.
             **kwargs: :class:`BaseTask` arguments (backbone, strategy, optimizer, ...).
         """
         super().__init__(**kwargs)

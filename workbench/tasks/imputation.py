@@ -40,8 +40,6 @@ class ImputationTask(BaseTask):
         decoder_heads: int = 16,
         pretrained_decoder: bool = True,
         data_range: float = 8.0,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -54,8 +52,6 @@ class ImputationTask(BaseTask):
             decoder_heads: MAE decoder heads (official: 16).
             pretrained_decoder: also load the official ``decoder.*`` keys from ``pretrained``.
             data_range: value range for PSNR and SSIM, in normalized units (8: ±4 std).
-            num_classes: ignored (linked from datamodules).
-            class_names: ignored, as ``num_classes``.
             **kwargs: :class:`BaseTask` arguments (backbone, pretrained, strategy, optimizer, ...).
         """
         if not 0.0 < gap_fraction < 1.0:

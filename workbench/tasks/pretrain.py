@@ -53,8 +53,6 @@ class MAEPretrainTask(BaseTask):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         norm_pix_loss: bool = True,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -64,8 +62,6 @@ class MAEPretrainTask(BaseTask):
             decoder_depth: MAE decoder blocks (official: 8).
             decoder_heads: MAE decoder attention heads (official: 16).
             norm_pix_loss: reconstruct per-patch normalized pixels (as Prithvi was trained).
-            num_classes: ignored (linked from segmentation datamodules; pretraining uses no labels).
-            class_names: ignored, as ``num_classes``.
             **kwargs: :class:`BaseTask` arguments (backbone, pretrained, optimizer, ...).
         """
         if not 0.0 < mask_ratio < 1.0:

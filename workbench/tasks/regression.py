@@ -30,8 +30,6 @@ class RegressionTask(DenseTask):
         target_mean: float = 0.0,
         target_std: float = 1.0,
         loss: Literal["mse", "l1", "huber"] = "mse",
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -40,8 +38,6 @@ class RegressionTask(DenseTask):
             target_mean: target normalization offset, in target units.
             target_std: target normalization scale, in target units.
             loss: ``mse``, ``l1`` or ``huber`` (on normalized targets).
-            num_classes: ignored (linked from datamodules that also serve segmentation).
-            class_names: ignored, as ``num_classes``.
             **kwargs: :class:`DenseTask` and :class:`BaseTask` arguments.
         """
         if target_std <= 0:

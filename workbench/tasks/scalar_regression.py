@@ -29,8 +29,6 @@ class ScalarRegressionTask(BaseTask):
         target_std: float | None = None,
         loss: Literal["mse", "l1", "huber"] = "mse",
         head_dropout: float = 0.1,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -40,8 +38,6 @@ class ScalarRegressionTask(BaseTask):
             target_std: target normalization scale; None: from the training targets.
             loss: ``mse``, ``l1`` or ``huber`` (on normalized targets).
             head_dropout: dropout before the linear layer.
-            num_classes: ignored (linked from every datamodule).
-            class_names: ignored, as ``num_classes``.
             **kwargs: :class:`BaseTask` arguments (backbone, strategy, optimizer, ...).
         """
         if target_std is not None and target_std <= 0:

@@ -40,8 +40,6 @@ class SeriesImputationTask(BaseTask):
         mask_ratio: float = 0.3,
         span: int = 8,
         head_dropout: float = 0.0,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -49,8 +47,6 @@ class SeriesImputationTask(BaseTask):
             mask_ratio: share of each series hidden, in (0, 1).
             span: length of each missing run, in steps.
             head_dropout: dropout before the reconstruction head.
-            num_classes: ignored (linked from every datamodule).
-            class_names: ignored, as ``num_classes``.
             **kwargs: :class:`BaseTask` arguments (backbone, strategy, optimizer, ...).
         """
         if not 0.0 < mask_ratio < 1.0 or span < 1:
