@@ -9,10 +9,11 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones.patchtst import num_patches
-from heads import PixelHead, PoolingHead, build_decoder, build_neck
+from heads import (
+    FlattenHead, PatchReconstructionHead, PixelHead, PointPropagationHead, PoolingHead, build_decoder, build_neck,
+)
 from heads.decoders import DECODERS
-from heads.points import PointPropagationHead
-from heads.series import FlattenHead, PatchReconstructionHead, instance_normalize
+from heads.series import instance_normalize
 from workbench.errors import UserInputError
 from workbench.feature_cache import FeatureCache
 
