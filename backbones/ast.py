@@ -21,9 +21,9 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from backbones.factory import create_with_local_weights, load_checked, register_backbone
+from backbones.factory import create_with_local_weights, load_checked, read_state_dict, register_backbone
 from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
-from backbones.prithvi import default_out_indices, init_linear_weights, read_state_dict
+from backbones.prithvi import default_out_indices, init_linear_weights
 from workbench.errors import UserInputError
 
 AUDIOSET_MELS = 128  # the official checkpoints' spectrogram height

@@ -18,6 +18,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from backbones.factory import load_checked, read_state_dict
 from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
 from workbench.errors import UserInputError
 
@@ -260,26 +261,6 @@ DECODER_PREFIXES = ("decoder.", "decoder_", "mask_token")
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise UserInputError(f"checkpoint {path} does not exist: give the path of a local .pt or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable or not a checkpoint at all
-        raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model", "base_model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserInputError(f"checkpoint {path} holds no state dict of tensors")
-    return state
-
-
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop wrapper prefixes (``module.``, ``encoder.``, ...) and all MAE decoder keys."""
     out = {}
@@ -348,23 +329,8 @@ def load_pretrained(model: PrithviViT, path: str | Path) -> dict[str, Any]:
         elif name in own and name not in state:
             state[name] = own[name]
             report["kept_init"].append(name)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [f"checkpoint {path} does not fit this {type(model).__name__} ({_describe(state)})."]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
-                parts.append(f"{label} keys: {', '.join(items[:10])}{more}.")
-        parts.append("Pick the backbone size the checkpoint was trained with.")
-        raise UserInputError(" ".join(parts))
-    model.load_state_dict(state, strict=True)
-    report["loaded"] = len(state)
+    hint = f"{_describe(state)}. Pick the backbone size the checkpoint was trained with."
+    report["loaded"] = load_checked(model, state, path, hint, allow_unexpected=False)["loaded"]
     log.info(
         "loaded %d tensors from %s; dropped: %s; new bands (zero-initialised): %s; kept init: %s",
         report["loaded"], path, report["dropped"] or "none", report["new_bands"] or "none",

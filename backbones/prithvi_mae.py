@@ -127,7 +127,7 @@ class PrithviMAE(nn.Module):
 
     def load_decoder(self, path: str | Path) -> dict[str, Any]:
         """Load an official checkpoint's ``decoder.*`` keys (position embeddings recomputed)."""
-        from backbones.prithvi import read_state_dict
+        from backbones.factory import read_state_dict
 
         state = {k[len("decoder."):]: v for k, v in read_state_dict(Path(path)).items() if k.startswith("decoder.")}
         state.pop("decoder_pos_embed", None)

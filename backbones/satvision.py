@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from backbones.factory import create_with_local_weights, register_backbone
+from backbones.factory import create_with_local_weights, load_checked, read_state_dict, register_backbone
 from backbones.features import call_layers_as_modules, to_nchw
 from workbench.errors import UserInputError
 
@@ -73,33 +72,12 @@ class SatVisionSwinV2(nn.Module):
 
 def load_satvision(model: SatVisionSwinV2, path: str | Path) -> dict[str, Any]:
     """Load an official SatVision-TOA checkpoint (or a plain SwinV2 state dict) into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"checkpoint {path} does not exist: give a local SatVision .pt file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
-    for key in ("module", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = read_state_dict(Path(path))
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("head")}
-    state = checkpoint_filter_fn(state, model.model)
-    own = model.model.state_dict()
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected or mismatched:
-        raise UserInputError(
-            f"checkpoint {path} does not fit this SatVision SwinV2: missing {missing[:8]}, unexpected "
-            f"{unexpected[:8]}, shape mismatch {mismatched[:5]}. Pick the size the checkpoint was trained with "
-            "(embed_dim, depths, num_heads, window_size, in_chans)."
-        )
-    model.model.load_state_dict(state)
-    return {"file": str(path), "loaded": len(state)}
+    hint = "Pick the size the checkpoint was trained with (embed_dim, depths, num_heads, window_size, in_chans)."
+    return load_checked(model.model, checkpoint_filter_fn(state, model.model), path, hint, allow_unexpected=False)
 
 
 def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> SatVisionSwinV2:

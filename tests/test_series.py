@@ -69,7 +69,7 @@ def test_ucr_datamodule_splits_stratified_and_normalizes(tmp_path: Path) -> None
     dm.setup("fit")
     dm.setup("test")
     assert dm.class_names == ["down", "up"] and dm.num_classes == 2 and dm.bands == ["dim_0", "dim_1"]
-    split = dm._train_val_indices()
+    split = dm.train_val_indices
     assert not set(split["train"]) & set(split["val"]) and len(split["val"]) == 10 and len(split["train"]) == 15
     val_labels = [int(dm.dataset("val")[i]["label"]) for i in range(10)]
     assert sorted(val_labels) == [0] * 5 + [1] * 5  # stratified
