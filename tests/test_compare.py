@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import write_config
 from workbench.cli import main
 from workbench.compare.arms import build_arms, parse_strategy
-from workbench.compare.report import seed_summary
+from workbench.compare.report import seed_summary, table_row
 from workbench.errors import UserInputError
 
 
@@ -57,3 +57,24 @@ def test_seed_summary_averages_seeds() -> None:
     lines = seed_summary(rows + [{"strategy": "full", "fraction": 1.0, "test": 0.9}], "accuracy")
     assert "| lora | 1.0 | 2 | 0.6000 | 0.1414 |" in lines and "| full | 1.0 | 1 | 0.9000 | 0.0000 |" in lines
     assert seed_summary(rows[:1], "accuracy") == []  # one seed per arm: no summary
+
+
+def test_baseline_arms() -> None:
+    """zero_shot runs once (fraction 0, no training whatever the comparison's overrides say);
+    scratch is full fine-tuning from random weights; bracketed lists survive the spec parser."""
+    arms = build_arms(["zero_shot", "scratch", "lora:rank=4,target_modules=[a,b]"], [0.5, 1.0], [0, 1])
+    assert [(a.strategy, a.fraction, a.seed) for a in arms][:3] == [
+        ("zero_shot", 0.0, 0), ("scratch", 0.5, 0), ("scratch", 0.5, 1)]
+    assert len(arms) == 1 + 4 + 4
+    zero_shot, scratch, lora = arms[0], arms[1], arms[-1]
+    args = zero_shot.fit_args("base.yaml", Path("out"), None, ["trainer.max_epochs=3"])
+    assert args.index("--trainer.max_epochs=0") > args.index("--trainer.max_epochs=3")
+    assert "--data.init_args.train_fraction=1.0" in args and zero_shot.class_path == "workbench.strategies.Frozen"
+    assert scratch.class_path == "workbench.strategies.Full"
+    assert "--model.init_args.pretrained=null" in scratch.fit_args("base.yaml", Path("out"), None)
+    assert lora.init_args == {"rank": 4, "target_modules": ["a", "b"]}
+    results = {"trainable": 10, "total": 20, "backbone_trainable": 0, "step_time_s": 0.1,
+               "val": {"val/mIoU": 0.5}, "test": {"test/mIoU": 0.4, "test/IoU_cloud": 0.3}}
+    row = table_row(zero_shot, results, "IoU_cloud", ["mIoU"])
+    assert (row["trainable"], row["step_time_s"], row["test"], row["test mIoU"]) == (0, None, 0.3, 0.4)
+    assert table_row(scratch, results, "mIoU")["trainable"] == 10

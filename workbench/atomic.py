@@ -1,4 +1,4 @@
-"""Atomic file writes: outputs appear under their final name only when complete."""
+"""Atomic file writes (outputs appear under their final name only when complete) and the cache folder."""
 
 from __future__ import annotations
 
@@ -36,3 +36,8 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def default_cache_dir() -> Path:
+    """Where built data and converted weights are cached: ``$WORKBENCH_CACHE`` or ``~/.cache/workbench``."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))

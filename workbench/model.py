@@ -4,10 +4,14 @@ backbone the same way."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from backbones.factory import PretrainedDecoder, load_checked
 from backbones.patchtst import num_patches
 from heads import (
     FlattenHead, PatchReconstructionHead, PixelHead, PointPropagationHead, PoolingHead, build_decoder, build_neck,
@@ -16,6 +20,8 @@ from heads.decoders import DECODERS
 from heads.series import instance_normalize
 from workbench.errors import UserInputError
 from workbench.feature_cache import FeatureCache
+
+log = logging.getLogger(__name__)
 
 
 class BackboneModel(nn.Module):
@@ -88,9 +94,12 @@ def build_encoder_decoder(
     decoder_channels: int = 256,
     num_classes: int = 2,
     head_dropout: float = 0.1,
+    class_names: Sequence[str] | None = None,
 ) -> EncoderDecoder:
     """Wire neck, decoder and head to ``backbone.feature_info`` (only the last level for decoders
-    that read only the coarsest map, so no parameter goes unused — DDP requires that)."""
+    that read only the coarsest map, so no parameter goes unused — DDP requires that). A backbone
+    whose checkpoint also held a decoder and head (``backbone.pretrained_decoder``) hands them to a
+    decoder of that kind, the head's rows matched to ``class_names`` by name."""
     info = backbone.feature_info
     levels = [len(info) - 1] if getattr(DECODERS.get(decoder), "coarsest_only", False) else None
     used = [info[i] for i in levels] if levels else info
@@ -98,7 +107,27 @@ def build_encoder_decoder(
     neck = None if hierarchical else build_neck(used)
     channels = neck.out_channels if neck is not None else [i["num_chs"] for i in used]
     dec = build_decoder(decoder, channels, decoder_channels)
-    return EncoderDecoder(backbone, neck, dec, PixelHead(dec.out_channels, num_classes, head_dropout), levels)
+    head = PixelHead(dec.out_channels, num_classes, head_dropout, getattr(dec, "head_kernel_size", 1))
+    shipped: PretrainedDecoder | None = getattr(backbone, "pretrained_decoder", None)
+    if shipped is not None:
+        load_pretrained_decoder(shipped, decoder, dec, head, class_names or [str(i) for i in range(num_classes)])
+        backbone.pretrained_decoder = None  # loaded: no second copy of the tensors
+    return EncoderDecoder(backbone, neck, dec, head, levels)
+
+
+def load_pretrained_decoder(shipped: PretrainedDecoder, name: str, decoder: nn.Module, head: PixelHead,
+                            class_names: Sequence[str]) -> None:
+    """Load the decoder and head weights that came with the backbone's checkpoint, if ``name`` is
+    the kind of decoder they belong to; head rows by class name (other classes start fresh)."""
+    if shipped.decoder != name:
+        log.warning("the backbone's checkpoint also holds a pretrained %s decoder; model.decoder %r starts "
+                    "from scratch (use decoder: %s to keep it)", shipped.decoder, name, shipped.decoder)
+        return
+    load_checked(decoder, shipped.decoder_state, "the backbone's checkpoint",
+                 f"Set model.init_args.decoder_channels to the pretrained {name} decoder's width (256).")
+    new = head.load_class_rows(shipped.head, shipped.class_names, class_names)
+    log.info("pretrained %s decoder loaded; head classes %s: pretrained rows for %s, new: %s", name,
+             list(class_names), [c for c in class_names if c not in new] or "none", new or "none")
 
 
 class EncoderClassifier(BackboneModel):

@@ -14,15 +14,26 @@ import yaml
 from workbench.errors import UserInputError
 
 
+# Baselines every comparison should carry, written as arms: (strategy they run, fit overrides).
+BASELINES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # the pretrained model as shipped: no training step, its validation and test scores only
+    "zero_shot": ("frozen", ("trainer.max_epochs=0",)),
+    # the same architecture from random weights, every parameter trained
+    "scratch": ("full", ("model.init_args.pretrained=null",)),
+}
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One run of the base config: ``strategy`` (label as given), its class path and arguments."""
+    """One run of the base config: ``strategy`` (label as given), its class path and arguments;
+    ``overrides`` are extra fit arguments of a baseline arm (``zero_shot``: fraction 0, no training)."""
 
     strategy: str
     class_path: str
     init_args: dict[str, Any]
     fraction: float
     seed: int
+    overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -30,8 +41,10 @@ class Arm:
         label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.strategy.replace(":", "_"))
         return f"{label}-f{self.fraction:g}-s{self.seed}"
 
-    def fit_args(self, base_config: str, out_dir: Path, resume: Path | None) -> list[str]:
-        """``workbench fit`` arguments: the base config with this arm's strategy, data and seed."""
+    def fit_args(self, base_config: str, out_dir: Path, resume: Path | None, extra: list[str] = ()) -> list[str]:
+        """``workbench fit`` arguments: the base config with this arm's strategy, data and seed, then
+        the comparison's ``extra`` overrides (``trainer.max_epochs=2``), then the arm's own (a
+        zero-shot arm never trains)."""
         logger = {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": str(out_dir), "name": self.name, "version": "run"},
@@ -41,22 +54,23 @@ class Arm:
             "fit",
             "--config", base_config,
             f"--model.init_args.strategy={json.dumps(strategy)}",
-            f"--data.init_args.train_fraction={self.fraction}",
+            f"--data.init_args.train_fraction={self.fraction or 1.0}",  # zero-shot: the data as is
             f"--seed_everything={self.seed}",
             f"--trainer.logger={json.dumps(logger)}",
+            *(f"--{a.lstrip('-')}" for a in (*extra, *self.overrides)),
         ]  # fmt: skip
         return args + ([f"--ckpt_path={resume}"] if resume else [])
 
 
 def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
-    """``lora`` or ``lora:rank=4,alpha=8`` → (class path, init args); values are YAML scalars."""
+    """``lora`` or ``lora:rank=4,target_modules=[a,b]`` → (class path, init args); values are YAML."""
     from workbench.strategies import STRATEGIES
 
     name, _, options = spec.partition(":")
     if name not in STRATEGIES:
-        raise UserInputError(f"--strategies: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+        raise UserInputError(f"--strategies: unknown strategy {name!r}; known: {', '.join([*STRATEGIES, *BASELINES])}")
     init_args = {}
-    for item in filter(None, options.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", options)):  # commas inside [...] stay
         key, sep, value = item.partition("=")
         if not sep:
             raise UserInputError(f"--strategies {spec!r}: write options as key=value, e.g. lora:rank=4,alpha=8")
@@ -66,9 +80,19 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_arms(strategies: list[str], fractions: list[float], seeds: list[int]) -> list[Arm]:
-    """Every combination, strategies outermost (the table reads strategy by strategy)."""
+    """Every combination, strategies outermost (the table reads strategy by strategy). The
+    :data:`BASELINES` are arms too: ``scratch`` like any strategy, ``zero_shot`` once (fraction
+    0: no training data; deterministic, so one seed)."""
     for fraction in fractions:
         if not 0.0 < fraction <= 1.0:
             raise UserInputError(f"--fractions: {fraction} is not in (0, 1]; use e.g. 0.1 0.25 0.5 1.0")
-    parsed = {spec: parse_strategy(spec) for spec in strategies}
-    return [Arm(s, *parsed[s], f, seed) for s, f, seed in itertools.product(strategies, fractions, seeds)]
+    arms = []
+    for spec in strategies:
+        name, _, options = spec.partition(":")
+        runs, overrides = BASELINES.get(name, (None, ()))
+        parsed = parse_strategy(f"{runs}:{options}" if runs else spec)
+        if name == "zero_shot":
+            arms.append(Arm(spec, *parsed, 0.0, seeds[0], overrides))
+            continue
+        arms += [Arm(spec, *parsed, f, seed, overrides) for f, seed in itertools.product(fractions, seeds)]
+    return arms

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workbench.compare.arms import Arm, build_arms
+from workbench.compare.arms import BASELINES, Arm, build_arms
 from workbench.compare.report import table_row, write_csv, write_markdown, write_plots
 from workbench.errors import UserInputError
 
@@ -27,10 +27,13 @@ def parser() -> Any:
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with the options below")
     p.add_argument("--base_config", type=str, required=True, help="the fit config every arm runs")
     p.add_argument("--strategies", type=str, nargs="+", default=["frozen", "lora", "full"],
-                   help="short names, optionally with arguments (lora:rank=4,alpha=8); known: " + ", ".join(STRATEGIES))
+                   help="short names, optionally with arguments (lora:rank=4,alpha=8); known: " + ", ".join(STRATEGIES)
+                   + "; baselines: " + ", ".join(BASELINES) + " (zero_shot: the pretrained model, test only; scratch: full from random init)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0], help="training-set fractions, e.g. 0.1 0.5 1.0")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (seed_everything) per arm")
     p.add_argument("--metric", type=str, default="mIoU", help="metric for the table and plots (val/<m>, test/<m>)")
+    p.add_argument("--extra_metrics", type=str, nargs="*", default=[],
+                   help="more test metrics for the table and the mean ± std summary, e.g. IoU_cloud")
     p.add_argument("--output_dir", type=str, default="runs/compare")
     p.add_argument("--fit_args", type=str, nargs="*", default=[],
                    help="extra `workbench fit` overrides for every arm, as key=value: trainer.max_epochs=2")
@@ -47,7 +50,7 @@ def run_arm(arm: Arm, base_config: str, out_dir: Path, fit_args: list[str]) -> d
     """Fit one arm in its own process (its own peak memory), resuming from its last checkpoint."""
     last = out_dir / arm.name / "run" / "checkpoints" / "last.ckpt"
     resume = last if last.is_file() else None
-    args = [*arm.fit_args(base_config, out_dir, resume), *(f"--{a.lstrip('-')}" for a in fit_args)]
+    args = arm.fit_args(base_config, out_dir, resume, fit_args)
     print(f"workbench compare: {'resuming' if resume else 'running'} {arm.name}", flush=True)
     log = out_dir / arm.name / "fit.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +76,9 @@ def run_compare(args: list[str]) -> list[dict[str, Any]]:
             results = run_arm(arm, cfg.base_config, out_dir, cfg.fit_args)
         else:
             print(f"workbench compare: {arm.name} already finished, not re-run", flush=True)
-        rows.append(table_row(arm, results, cfg.metric))
+        rows.append(table_row(arm, results, cfg.metric, cfg.extra_metrics))
     write_csv(rows, out_dir / "results.csv")
-    write_markdown(rows, out_dir / "results.md", cfg.metric)
+    write_markdown(rows, out_dir / "results.md", cfg.metric, cfg.extra_metrics)
     plots = write_plots(rows, out_dir, cfg.metric)
     print((out_dir / "results.md").read_text())
     print(f"workbench compare: wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'}, "

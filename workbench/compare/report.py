@@ -17,21 +17,30 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def table_row(arm: Any, results: dict[str, Any], metric: str) -> dict[str, Any]:
-    """One table row from an arm and the ``results.json`` its fit wrote."""
+def columns(extra_metrics: list[str]) -> list[str]:
+    """Table columns: :data:`COLUMNS` with a ``test <m>`` column per extra metric after ``test``."""
+    at = COLUMNS.index("test") + 1
+    return [*COLUMNS[:at], *(f"test {m}" for m in extra_metrics), *COLUMNS[at:]]
+
+
+def table_row(arm: Any, results: dict[str, Any], metric: str, extra_metrics: list[str] = ()) -> dict[str, Any]:
+    """One table row from an arm and the ``results.json`` its fit wrote (an arm that trained on
+    no data, ``zero_shot``, trained no parameter)."""
+    trained = arm.fraction > 0
     return {
         "strategy": arm.strategy,
         "fraction": arm.fraction,
         "seed": arm.seed,
-        "trainable": results["trainable"],
-        "trainable_percent": round(100 * results["trainable"] / results["total"], 3),
-        "backbone_trainable": results["backbone_trainable"],
+        "trainable": results["trainable"] if trained else 0,
+        "trainable_percent": round(100 * results["trainable"] / results["total"], 3) if trained else 0.0,
+        "backbone_trainable": results["backbone_trainable"] if trained else 0,
         "total": results["total"],
         "peak_memory_mib": results.get("peak_memory_mib"),
-        "step_time_s": results.get("step_time_s"),
-        "samples_per_s": results.get("samples_per_s"),
+        "step_time_s": results.get("step_time_s") if trained else None,
+        "samples_per_s": results.get("samples_per_s") if trained else None,
         "best_val": _round(results["val"].get(f"val/{metric}")),
         "test": _round(results["test"].get(f"test/{metric}")),
+        **{f"test {m}": _round(results["test"].get(f"test/{m}")) for m in extra_metrics},
         "checkpoint": results.get("best_checkpoint"),
     }
 
@@ -42,28 +51,31 @@ def _round(value: float | None) -> float | None:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
 
 
-def write_markdown(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
-    headers = [c if c not in ("best_val", "test") else f"{c} {metric}" for c in COLUMNS]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(COLUMNS)]
+def write_markdown(rows: list[dict[str, Any]], path: Path, metric: str, extra_metrics: list[str] = ()) -> None:
+    names = columns(list(extra_metrics))
+    headers = [c if c not in ("best_val", "test") else f"{c} {metric}" for c in names]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(names)]
     for row in rows:
-        cells = [f"{row[c]:,}" if isinstance(row[c], int) and c in ("trainable", "backbone_trainable", "total") else str(row[c]) for c in COLUMNS]
+        cells = [f"{row[c]:,}" if isinstance(row[c], int) and c in ("trainable", "backbone_trainable", "total") else str(row[c]) for c in names]
         lines.append("| " + " | ".join(cells) + " |")
-    write_text(path, "\n".join(lines + seed_summary(rows, metric)) + "\n")
+    summaries = [line for m, key in ((metric, "test"), *((m, f"test {m}") for m in extra_metrics))
+                 for line in seed_summary(rows, m, key)]
+    write_text(path, "\n".join(lines + summaries) + "\n")
 
 
-def seed_summary(rows: list[dict[str, Any]], metric: str) -> list[str]:
-    """Markdown lines: test ``metric`` mean ± sample std over seeds per strategy and fraction
-    (nothing when every arm ran one seed)."""
+def seed_summary(rows: list[dict[str, Any]], metric: str, key: str = "test") -> list[str]:
+    """Markdown lines: test ``metric`` (the rows' ``key``) mean ± sample std over seeds per
+    strategy and fraction (nothing when every arm ran one seed)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
-        if row["test"] is not None:
-            groups[(row["strategy"], row["fraction"])].append(row["test"])
+        if row[key] is not None:
+            groups[(row["strategy"], row["fraction"])].append(row[key])
     if all(len(v) < 2 for v in groups.values()):
         return []
     lines = ["", f"Test {metric} over seeds:", "", "| strategy | fraction | seeds | mean | std |", "|---|---|---|---|---|"]

@@ -96,13 +96,15 @@ def process_rank() -> tuple[int, int, int]:
 
 
 def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
-    """``workbench predict --config fit.yaml --ckpt_path X.ckpt --inputs ... --output_dir DIR``."""
+    """``workbench predict --config fit.yaml [--ckpt_path X.ckpt] --inputs ... --output_dir DIR``."""
     parser = config_parser(
         "workbench predict",
         "Predict whole GeoTIFF scenes (any size) with the model and preprocessing of a fit config.",
         ("data", "model", "ckpt_path"),
     )
-    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by `workbench fit`")
+    parser.add_argument("--ckpt_path", type=str | None, default=None,
+                        help="checkpoint written by `workbench fit`; omitted: the model as the config builds it, "
+                             "which needs model.pretrained weights that include the task layers (zero-shot)")
     parser.add_argument("--inputs", type=str, nargs="+", required=True,
                         help="GeoTIFF files, globs or folders; `a.tif,b.tif` = one scene, one file per frame")
     parser.add_argument("--output_dir", type=str, default="predictions", help="folder for the outputs")
@@ -122,7 +124,13 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
             f"{type(task).__name__}: evaluate it with `workbench test --config ... --ckpt_path ...` instead."
         )
     data.prepare_data()
-    load_checkpoint(task, cfg.ckpt_path)
+    if cfg.ckpt_path is not None:
+        load_checkpoint(task, cfg.ckpt_path)
+    elif not task.hparams.get("pretrained"):
+        raise UserInputError("--ckpt_path: give a checkpoint written by `workbench fit` (without one the config's "
+                             "model has random weights; only a pretrained model can predict zero-shot)")
+    else:
+        print("workbench: no --ckpt_path: predicting with the model's pretrained weights as shipped (zero-shot)")
     rank, world, local_rank = process_rank()
     auto = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = auto if cfg.device == "auto" else cfg.device

@@ -35,8 +35,10 @@ ATTENTION = ["attn.qkv", "attn.proj"]
 
 
 def linear_names(module: nn.Module) -> list[str]:
-    """Distinct ``parent.child`` suffixes of the Linear layers, e.g. ``attn.qkv``, ``mlp.fc1``."""
+    """Distinct ``parent.child`` suffixes of the Linear layers, e.g. ``attn.qkv``, ``mlp.fc1``, and
+    the last names of the plain (ungrouped) convolutions, e.g. ``_expand_conv``, ``conv1``."""
     names = {".".join(n.split(".")[-2:]) for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    names |= {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if type(m) is nn.Conv2d and m.groups == 1}
     return sorted(names)
 
 
@@ -70,9 +72,15 @@ class PeftStrategy(Strategy):
                 names = ", ".join(linear_names(model.backbone)) or "none (use frozen, full, bitfit, norm or ssf)"
                 raise UserInputError(
                     f"{self.name} target_modules {self.target_modules} match no layer of the backbone. "
-                    f"Linear layers it has: {names}."
+                    f"Linear and plain conv layers it has: {names}."
                 ) from None
             raise UserInputError(f"{self.name} cannot adapt this backbone: {message}") from None
+        except AssertionError:  # smp's TF-"same" convs with asymmetric padding (stride 2) refuse copies
+            raise UserInputError(
+                f"{self.name} target_modules {self.target_modules} include a stride-2 EfficientNet conv with "
+                "TensorFlow-style asymmetric padding (the stem or a depthwise conv), which peft cannot adapt: "
+                f"target plain convs instead ({', '.join(linear_names(model.backbone))})"
+            ) from None
 
     def merged(self, model: BackboneModel) -> BackboneModel:
         plain = copy.deepcopy(model)

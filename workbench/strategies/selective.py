@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from backbones.smp_encoders import SmpEncoder
 from workbench.errors import UserInputError
 from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
@@ -50,21 +51,24 @@ class NormOnly(SelectiveStrategy):
 
 
 class LastBlocks(SelectiveStrategy):
-    """Partial fine-tuning: the last ``k`` transformer blocks and the final norm train."""
+    """Partial fine-tuning: the last ``k`` transformer blocks and the final norm train — or, on a
+    CNN encoder with feature stages (smp encoders: EfficientNet, ResNet), the last ``k`` stages."""
 
     name = "last_k"
 
     def __init__(self, k: int = 2) -> None:
         """
         Args:
-            k: number of trailing transformer blocks that train (1 ≤ k ≤ depth).
+            k: number of trailing transformer blocks (CNN: stages) that train (1 ≤ k ≤ depth).
         """
         self.k = k
 
     def select(self, backbone: nn.Module) -> Iterator[nn.Parameter]:
-        blocks = transformer_blocks(backbone)
+        units = [nn.ModuleList(s) for s in backbone.stages()] if isinstance(backbone, SmpEncoder) else None
+        blocks = units or transformer_blocks(backbone)
+        kind = "stages" if units else "blocks"
         if not 1 <= self.k <= len(blocks):
-            raise UserInputError(f"last_k: k={self.k} but the backbone has {len(blocks)} blocks; use 1..{len(blocks)}.")
+            raise UserInputError(f"last_k: k={self.k} but the backbone has {len(blocks)} {kind}; use 1..{len(blocks)}.")
         for block in blocks[-self.k :]:
             yield from block.parameters()
         for name in ("norm", "fc_norm"):

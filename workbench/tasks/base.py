@@ -39,7 +39,7 @@ def model_input(batch: dict[str, Tensor]) -> Tensor:
 def create_backbone(
     name: str,
     bands: list[str] | None = None,
-    pretrained: str | None = None,
+    pretrained: bool | str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Create a registered timm backbone, optionally loading a local checkpoint.
@@ -53,11 +53,15 @@ def create_backbone(
         name: timm model name, e.g. ``prithvi_eo_v2_300m_tl``.
         bands: band names fed to the model (from the datamodule); backbones that know band names
             adapt their patch embedding to them, others get ``in_chans=len(bands)``.
-        pretrained: local checkpoint path in the family's official layout, or None for random init.
+        pretrained: local checkpoint path in the family's official layout; ``True``: the weights
+            the backbone's ``pretrained_cfg`` names (an installed package file, e.g. ukis-csmask's,
+            or a hub download when online); None / False: random init.
         backbone_kwargs: extra constructor arguments (``num_frames``, ``img_size``, ...).
     """
     if name.startswith(SMP_PREFIX):
-        return create_smp_encoder(name, bands, pretrained, backbone_kwargs)
+        if pretrained is True:
+            raise UserInputError(f"model.pretrained: {name} has no packaged weights offline: give a local encoder file")
+        return create_smp_encoder(name, bands, pretrained or None, backbone_kwargs)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise UserInputError(
@@ -70,7 +74,9 @@ def create_backbone(
             kwargs.setdefault("bands", list(bands))
         else:
             kwargs.setdefault("in_chans", len(bands))
-    if pretrained is not None:
+    if pretrained is True:
+        kwargs["pretrained"] = True
+    elif pretrained:
         if not Path(pretrained).is_file():
             raise UserInputError(
                 f"model.pretrained: checkpoint file {pretrained!r} does not exist. "
@@ -79,9 +85,9 @@ def create_backbone(
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
     try:
         if model_cls is None:
-            pretrained_file = kwargs.pop("pretrained_cfg_overlay", {}).get("file", False)
+            weights = kwargs.pop("pretrained_cfg_overlay", {}).get("file", kwargs.pop("pretrained", False))
             kwargs.pop("pretrained", None)
-            return TimmFeatures(name, pretrained=pretrained_file, **kwargs)
+            return TimmFeatures(name, pretrained=weights, **kwargs)
         return timm.create_model(name, **kwargs)
     except TypeError as err:
         if "unexpected keyword argument" not in str(err):
@@ -105,7 +111,7 @@ class BaseTask(LightningModule):
         self,
         backbone: str = "prithvi_eo_v2_tiny_tl",
         backbone_kwargs: dict[str, Any] | None = None,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         bands: list[str] | None = None,
         strategy: Strategy | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -119,7 +125,9 @@ class BaseTask(LightningModule):
         Args:
             backbone: timm name of the backbone (``timm.list_models('prithvi*')``).
             backbone_kwargs: extra backbone constructor arguments; unknown keys are an error.
-            pretrained: local checkpoint in the backbone family's official key layout.
+            pretrained: local checkpoint in the backbone family's official key layout, or ``true``
+                for the weights the backbone's ``pretrained_cfg`` names (e.g. ukis-csmask's
+                installed ONNX file for ``csmask_unet_effb4_s2``).
             bands: band names of the input; linked from the datamodule by the CLI.
             strategy: what trains (``Full``, ``Frozen``, ``LoRA``, ...); None means ``Full``.
             optimizer: optimizer class and its arguments (``class_path``/``init_args``).

@@ -21,7 +21,7 @@ class DenseTask(BaseTask):
     def __init__(
         self,
         num_outputs: int,
-        decoder: Literal["uper", "fcn"] = "uper",
+        decoder: Literal["uper", "fcn", "unet"] = "uper",
         decoder_channels: int = 256,
         head_dropout: float = 0.1,
         **kwargs: Any,
@@ -32,4 +32,5 @@ class DenseTask(BaseTask):
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         hp = self.hparams
-        return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout)
+        return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout,
+                                     getattr(self, "class_names", None))
