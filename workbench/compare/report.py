@@ -106,8 +106,8 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> list[
     points = _mean_by([r for r in rows if r["fraction"] == full_data], ("strategy", "trainable"), "test")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (strategy, trainable), value in sorted(points.items(), key=lambda item: item[0][1]):
-        ax.scatter(trainable, value, label=f"{strategy} ({trainable:,})")
-    ax.legend(fontsize=8)
+        ax.scatter(trainable, value, label=f"{_short(strategy)} ({trainable:,})")
+    _legend_outside(ax)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"test {metric}",
            title=f"test {metric} vs trainable parameters (training fraction {full_data:g})")
     ax.grid(alpha=0.3)
@@ -118,12 +118,21 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> list[
         fig, ax = plt.subplots(figsize=(6, 4))
         for strategy in dict.fromkeys(row["strategy"] for row in rows):
             xs = [f for f in fractions if (strategy, f) in curves]
-            ax.plot(xs, [curves[(strategy, f)] for f in xs], marker="o", label=strategy)
+            ax.plot(xs, [curves[(strategy, f)] for f in xs], marker="o", label=_short(strategy))
         ax.set(xlabel="training fraction", ylabel=f"test {metric}", title=f"test {metric} vs training data")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
         written.append(_save(fig, out_dir / "metric_vs_fraction.png"))
     return written
+
+
+def _short(label: str, width: int = 28) -> str:
+    """A strategy spec short enough for a legend (``lora:rank=8,target_modules=[…]`` → ``lora:rank=8,targ…``)."""
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _legend_outside(ax: Any) -> None:
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
 def _save(fig: Any, path: Path) -> Path:
