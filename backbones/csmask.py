@@ -91,7 +91,8 @@ def checkpoint_filter_fn(state: dict[str, Tensor], model: CSMaskEncoder) -> tupl
     parts = {part: {k[len(p):]: v for k, v in state.items() if k.startswith(p)} for part, p in PREFIXES.items()}
     encoder = parts["encoder"]
     if "_conv_stem.weight" in encoder and encoder["_conv_stem.weight"].shape[1] == len(CSMASK_BANDS):
-        encoder["_conv_stem.weight"], new = adapt_input_channels(encoder["_conv_stem.weight"], CSMASK_BANDS, model.bands)
+        stem, new = adapt_input_channels(encoder["_conv_stem.weight"], CSMASK_BANDS, model.bands)
+        encoder["_conv_stem.weight"] = stem
         if new:
             log.info("csmask stem: new bands %s start at zero", new)
     decoder = {k: v for k, v in parts["decoder"].items() if k.startswith("decoder.")}

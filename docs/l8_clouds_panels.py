@@ -59,7 +59,8 @@ def main() -> None:
     low, high = np.percentile(stack[[2, 1, 0]], (2, 98))
     rgb = np.clip((stack[[2, 1, 0]].transpose(1, 2, 0) - low) / (high - low), 0, 1)
     colours = np.array([[0.15, 0.45, 0.15], [1.0, 1.0, 1.0], [0.35, 0.2, 0.55]])  # clear, cloud, shadow
-    panels = [("RGB (TOA reflectance)", rgb), ("USGS BQA cloud ≥ medium (labels)", colours[np.minimum(bqa, 1)]),
+    panels = [("RGB (TOA reflectance)", rgb),
+              ("BQA cloud ≥ medium (USGS algorithm, not hand labels)", colours[np.minimum(bqa, 1)]),
               ("ukis-csmask as shipped (zero-shot)", colours[shipped]), ("fine-tuned", colours[finetuned.clip(0, 2)])]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     for ax, (title, picture) in zip(axes, panels):

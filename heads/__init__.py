@@ -9,6 +9,6 @@ from heads.segmentation import PixelHead
 from heads.series import FlattenHead, PatchReconstructionHead
 
 __all__ = [
-    "FCN", "FlattenHead", "PatchReconstructionHead", "PixelHead", "PointPropagationHead", "PoolingHead", "UNet", "UPerNet",
-    "ViTFeaturePyramid", "build_decoder", "build_neck",
+    "FCN", "FlattenHead", "PatchReconstructionHead", "PixelHead", "PointPropagationHead", "PoolingHead", "UNet",
+    "UPerNet", "ViTFeaturePyramid", "build_decoder", "build_neck",
 ]

@@ -27,7 +27,8 @@ class PixelHead(nn.Module):
         ``target`` classes by name: shared classes keep their pretrained row, others keep this
         head's initialisation. Returns the names of the classes that start from scratch."""
         if head["weight"].shape[1:] != self.conv.weight.shape[1:]:
-            raise UserInputError(f"pretrained head weight {tuple(head['weight'].shape)} does not fit {tuple(self.conv.weight.shape)}")
+            raise UserInputError(f"pretrained head weight {tuple(head['weight'].shape)} does not fit "
+                                 f"{tuple(self.conv.weight.shape)}")
         new = []
         for row, name in enumerate(target):
             if name in source:

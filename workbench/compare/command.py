@@ -28,7 +28,8 @@ def parser() -> Any:
     p.add_argument("--base_config", type=str, required=True, help="the fit config every arm runs")
     p.add_argument("--strategies", type=str, nargs="+", default=["frozen", "lora", "full"],
                    help="short names, optionally with arguments (lora:rank=4,alpha=8); known: " + ", ".join(STRATEGIES)
-                   + "; baselines: " + ", ".join(BASELINES) + " (zero_shot: the pretrained model, test only; scratch: full from random init)")
+                   + "; baselines: " + ", ".join(BASELINES)
+                   + " (zero_shot: the pretrained model, test only; scratch: full from random init)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0], help="training-set fractions, e.g. 0.1 0.5 1.0")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (seed_everything) per arm")
     p.add_argument("--metric", type=str, default="mIoU", help="metric for the table and plots (val/<m>, test/<m>)")

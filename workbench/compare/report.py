@@ -62,7 +62,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, metric: str, extra_me
     headers = [c if c not in ("best_val", "test") else f"{c} {metric}" for c in names]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(names)]
     for row in rows:
-        cells = [f"{row[c]:,}" if isinstance(row[c], int) and c in ("trainable", "backbone_trainable", "total") else str(row[c]) for c in names]
+        cells = [f"{row[c]:,}" if isinstance(row[c], int) and c in ("trainable", "backbone_trainable", "total")
+                 else str(row[c]) for c in names]
         lines.append("| " + " | ".join(cells) + " |")
     summaries = [line for m, key in ((metric, "test"), *((m, f"test {m}") for m in extra_metrics))
                  for line in seed_summary(rows, m, key)]
