@@ -231,3 +231,19 @@ def test_eva_fit_initialises_from_training_batches(tmp_path: Path, capsys: pytes
     capsys.readouterr()
     assert main(["fit", "--config", str(config), "--test_after_fit", "false"]) == 0
     assert "lora initialized from 2 training batches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BACKBONE_TRAINABLE))
+def test_checkpointing_keeps_every_strategys_gradients(name: str) -> None:
+    """Activation checkpointing recomputes blocks (and their hooks) in backward: every strategy's
+    trainable parameters must get the same gradients with and without it."""
+    x = torch.randn(2, 6, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model = tiny(make_strategy(name)).eval()  # same seed: same weights and adapters
+        model.backbone.set_grad_checkpointing(enable)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-5)

@@ -17,7 +17,9 @@ class PromptTokens(nn.Module):
     ``deep``: every block gets its own ``num_tokens`` prompts (VPT-deep). Shallow: the prompts
     enter the first block and their outputs are carried from block to block (VPT-shallow).
     Removing them after every block leaves each block's output, and so every feature map, in
-    the backbone's own layout ``(B, N, D)``.
+    the backbone's own layout ``(B, N, D)``. Carried prompts are kept per block (block ``i``
+    reads what block ``i - 1`` left), so activation checkpointing, which re-runs a block and its
+    hooks during backward after later blocks have run, recomputes the same prompts.
     """
 
     def __init__(self, blocks: list[nn.Module], num_tokens: int, dim: int, deep: bool) -> None:
@@ -26,10 +28,10 @@ class PromptTokens(nn.Module):
         self.deep = deep
         self.tokens = nn.Parameter(torch.empty(len(blocks) if deep else 1, num_tokens, dim))
         nn.init.trunc_normal_(self.tokens, std=0.02)
-        self._carried: Tensor | None = None
+        self._carried: dict[int, Tensor] = {}  # block index → the prompt outputs it left
         for index, block in enumerate(blocks):
             block.register_forward_pre_hook(self._insert_hook(index))
-            block.register_forward_hook(self._remove)
+            block.register_forward_hook(self._remove_hook(index))
 
     def _insert_hook(self, index: int):
         def insert(_: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -37,14 +39,18 @@ class PromptTokens(nn.Module):
             if self.deep or index == 0:
                 prompts = self.tokens[index if self.deep else 0].expand(tokens.shape[0], -1, -1)
             else:
-                prompts = self._carried
+                prompts = self._carried[index - 1]
             return (torch.cat([prompts.to(tokens.dtype), tokens], dim=1), *args[1:])
 
         return insert
 
-    def _remove(self, _: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        self._carried = None if self.deep else output[:, : self.num_tokens]
-        return output[:, self.num_tokens :]
+    def _remove_hook(self, index: int):
+        def remove(_: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            if not self.deep:
+                self._carried[index] = output[:, : self.num_tokens]
+            return output[:, self.num_tokens :]
+
+        return remove
 
 
 class VPT(Strategy):
