@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -77,3 +78,18 @@ def test_visible_mean_per_band_and_frame() -> None:
     mean = visible_mean(image, seen)[0, :, :, 0, 0]
     assert mean.tolist() == [[3.0, 0.0], [0.0, 5.0]]
     assert visible_mean(image, torch.zeros_like(seen)).abs().sum() == 0  # nothing seen: scene mean (0)
+
+
+@pytest.mark.parametrize("gaps", ["blobs", "patches"])
+def test_evaluation_gaps_are_seeded_training_gaps_are_not(gaps: str) -> None:
+    """Validation and test score the same gaps every epoch (seeded by batch index), so the
+    checkpoint-selecting metric compares models, not gap draws; training draws new ones."""
+    task = tiny_task(gaps=gaps)
+    image = torch.randn(2, 6, 2, 32, 32)
+    task.batch_idx = 3
+    first, again = (task.gap_mask({}, image, "val") for _ in range(2))
+    assert torch.equal(first, again) and first.any()
+    task.batch_idx = 4
+    assert not torch.equal(task.gap_mask({}, image, "val"), first)
+    draws = [task.gap_mask({}, image, "train") for _ in range(3)]
+    assert not all(torch.equal(d, draws[0]) for d in draws[1:])

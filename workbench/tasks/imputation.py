@@ -85,23 +85,26 @@ class ImputationTask(BaseTask):
             prefix=f"{stage}/",
         )
 
-    def gap_mask(self, batch: dict[str, Tensor], image: Tensor) -> Tensor:
-        """Gaps ``(B, T, H, W)`` bool for images ``(B, C, T, H, W)``."""
+    def gap_mask(self, batch: dict[str, Tensor], image: Tensor, stage: str = "train") -> Tensor:
+        """Gaps ``(B, T, H, W)`` bool for images ``(B, C, T, H, W)``: sampled anew in training,
+        seeded by the batch index in validation and test, so every epoch (and run) scores the
+        same gaps and the checkpoint-selecting metric is not sampling noise."""
         b, _, t, h, w = image.shape
         if self.gaps == "mask":
             if "mask" not in batch:
                 raise UserInputError("model.gaps: mask needs a mask per chip (data masks = the cloud masks)")
             return (batch["mask"] == self.hparams.gap_value).unsqueeze(1).expand(b, t, h, w)
+        generator = None if stage == "train" else torch.Generator(image.device).manual_seed(self.batch_idx)
         if self.gaps == "patches":
             patch = self.model.backbone.patch_size[1:]
-            return sample_patch_gaps((b, t, h, w), patch, self.hparams.gap_fraction, device=image.device)
-        return sample_blob_gaps((b, t, h, w), self.hparams.gap_fraction, device=image.device)
+            return sample_patch_gaps((b, t, h, w), patch, self.hparams.gap_fraction, generator, image.device)
+        return sample_blob_gaps((b, t, h, w), self.hparams.gap_fraction, generator=generator, device=image.device)
 
-    def impute(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def impute(self, batch: dict[str, Tensor], stage: str = "train") -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(image, filled, gaps, scored)``: truth and gap-filled images ``(B, C, T, H, W)``, the
         gaps and the pixels scored (gaps whose truth is not nodata), ``(B, T, H, W)``."""
         image = as_frames(batch["image"])
-        gaps = self.gap_mask(batch, image)
+        gaps = self.gap_mask(batch, image, stage)
         valid = batch["valid"].unsqueeze(1) if "valid" in batch else torch.ones_like(gaps[:, :1])
         scored = gaps & valid
         patch = self.model.backbone.patch_size
@@ -113,7 +116,7 @@ class ImputationTask(BaseTask):
         return image, filled, gaps, scored
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        image, filled, _, scored = self.impute(batch)
+        image, filled, _, scored = self.impute(batch, stage)
         scored_gaps = scored.unsqueeze(1).expand_as(image)
         loss = ((filled - image)[scored_gaps] ** 2).mean() if scored_gaps.any() else filled.sum() * 0.0
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
