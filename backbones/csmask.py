@@ -17,10 +17,10 @@ half-precision rounding (tested in ``tests/test_csmask.py``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor
 
 from backbones.factory import PretrainedDecoder, load_checked, read_state_dict
-from backbones.features import adapt_input_channels
+from backbones.features import adapt_input_channels, bands_from_kwargs
 from backbones.smp_encoders import SmpEncoder
 from workbench.atomic import atomic_path, default_cache_dir
 from workbench.errors import UserInputError
@@ -57,9 +57,10 @@ def package_file(name: str) -> Path:
 
 def onnx_initializers(path: Path) -> dict[str, Tensor]:
     """The initializers of an ONNX file as float32 tensors by name, converted with ``onnx`` once
-    and cached as safetensors under ``$WORKBENCH_CACHE/weights`` (keyed by the file's hash)."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    cache = default_cache_dir() / "weights" / f"{path.stem}-{digest}.safetensors"
+    and cached as safetensors under ``$WORKBENCH_CACHE/weights`` (keyed by the file's size and
+    modification time, so a cache hit reads no ONNX bytes)."""
+    stat = path.stat()
+    cache = default_cache_dir() / "weights" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}.safetensors"
     from safetensors.torch import load_file, save_file
 
     if cache.is_file():
@@ -75,7 +76,7 @@ def onnx_initializers(path: Path) -> dict[str, Tensor]:
         raise UserInputError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err})") from None
     state = {i.name: torch.from_numpy(numpy_helper.to_array(i).astype("float32")) for i in graph.initializer}
     with atomic_path(cache) as tmp:
-        save_file(state, str(tmp), metadata={"source": str(path), "sha256_16": digest})
+        save_file(state, str(tmp), metadata={"source": str(path)})
     log.info("converted %d ONNX initializers of %s into %s", len(state), path, cache)
     return state
 
@@ -111,7 +112,7 @@ def load_csmask(model: CSMaskEncoder, path: str | Path) -> dict[str, Any]:
     report = load_checked(model.model, encoder, path, hint, allow_unexpected=False)
     if not decoder.decoder_state or set(decoder.head) != {"weight", "bias"}:
         raise UserInputError(f"{path} has no U-Net decoder / segmentation head keys (model.decoder.*). {hint}")
-    model.pretrained_decoder = decoder
+    model.pretrained_decoder = replace(decoder, source=str(path))
     log.info("loaded %d encoder tensors from %s (decoder: %d, head: %d)", report["loaded"], path,
              len(decoder.decoder_state), len(decoder.head))
     return report
@@ -170,9 +171,7 @@ def csmask_unet_effb4_s2(pretrained: bool = False, **kwargs: Any) -> CSMaskEncod
     """ukis-csmask 6-band L1C model; ``pretrained`` loads the installed package file (or the
     local file in ``pretrained_cfg_overlay['file']``). Use with ``decoder: unet``."""
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    in_chans = kwargs.pop("in_chans", None)
-    if in_chans is not None and "bands" not in kwargs:
-        kwargs["bands"] = list(CSMASK_BANDS[:in_chans]) + [f"BAND_{i + 1}" for i in range(len(CSMASK_BANDS), in_chans)]
+    bands_from_kwargs(kwargs, CSMASK_BANDS)
     model = build_model_with_cfg(CSMaskEncoder, "csmask_unet_effb4_s2", pretrained=False,
                                  kwargs_filter=("num_classes", "in_chans"), **kwargs)
     if pretrained:

@@ -23,12 +23,14 @@ TIMM_INTERNAL = ("pretrained_cfg", "cache_dir")  # passed by timm.create_model, 
 class PretrainedDecoder:
     """Task layers that came in a backbone's checkpoint (a whole pretrained segmentation model):
     ``decoder`` is the decoder name they fit (``unet``), ``decoder_state`` that decoder module's
-    state dict, ``head`` the pixel head's ``weight`` / ``bias`` with one row per ``class_names``."""
+    state dict, ``head`` the pixel head's ``weight`` / ``bias`` with one row per ``class_names``;
+    ``source`` the file they were read from (for messages)."""
 
     decoder: str
     decoder_state: dict[str, Tensor]
     head: dict[str, Tensor]
     class_names: list[str]
+    source: str = "the backbone's checkpoint"
 
 
 def create_with_local_weights(

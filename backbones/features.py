@@ -76,6 +76,16 @@ def vit_blocks(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, dro
     )
 
 
+def bands_from_kwargs(kwargs: dict[str, Any], known: Sequence[str]) -> None:
+    """Turn an ``in_chans`` in a registered model's ``kwargs`` into band names, in place: the
+    family's ``known`` bands first, then ``BAND_<i>``; refuse ``in_chans`` that contradicts ``bands``."""
+    in_chans = kwargs.pop("in_chans", None)
+    if in_chans is not None and "bands" not in kwargs:
+        kwargs["bands"] = [*known, *(f"BAND_{i + 1}" for i in range(len(known), in_chans))][:in_chans]
+    elif in_chans is not None and in_chans != len(kwargs["bands"]):
+        raise UserInputError(f"in_chans={in_chans} but {len(kwargs['bands'])} bands given: set only `bands`")
+
+
 def adapt_input_channels(weight: Tensor, source: Sequence[str], target: Sequence[str]) -> tuple[Tensor, list[str]]:
     """First-layer weight ``(D, C_src, ...)`` → ``(D, C_tgt, ...)`` by band name (a ViT patch
     embedding ``(D, C, t, p, p)``, a CNN stem ``(D, C, k, k)``).

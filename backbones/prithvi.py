@@ -19,7 +19,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from backbones.factory import load_checked, read_state_dict
-from backbones.features import GradCheckpointing, adapt_input_channels, checked_out_indices, run_blocks, vit_blocks
+from backbones.features import (
+    GradCheckpointing, adapt_input_channels, bands_from_kwargs, checked_out_indices, run_blocks, vit_blocks,
+)
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -370,11 +372,7 @@ default_cfgs = generate_default_cfgs(
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> PrithviViT:
     """Build a named size; ``pretrained`` loads the cfg's local ``file`` or its hub checkpoint."""
-    in_chans = kwargs.pop("in_chans", None)
-    if in_chans is not None and "bands" not in kwargs:
-        kwargs["bands"] = [*HLS_BANDS, *(f"BAND_{i + 1}" for i in range(len(HLS_BANDS), in_chans))][:in_chans]
-    elif in_chans is not None and in_chans != len(kwargs["bands"]):
-        raise UserInputError(f"in_chans={in_chans} but {len(kwargs['bands'])} bands given: set only `bands`")
+    bands_from_kwargs(kwargs, HLS_BANDS)
     model = build_model_with_cfg(
         PrithviViT, variant, pretrained=False, kwargs_filter=("num_classes", "in_chans"), **kwargs
     )

@@ -71,9 +71,12 @@ class EncoderDecoder(BackboneModel):
     """``(B, C, [T,] H, W)`` → ``(B, num_outputs, H, W)`` at the input size."""
 
     def __init__(self, backbone: nn.Module, neck: nn.Module | None, decoder: nn.Module, head: nn.Module,
-                 levels: list[int] | None = None) -> None:
-        """``levels``: indices of the backbone's feature maps the neck and decoder use (all: None)."""
+                 levels: list[int] | None = None, task_layers_pretrained: bool = False) -> None:
+        """``levels``: indices of the backbone's feature maps the neck and decoder use (all: None);
+        ``task_layers_pretrained``: decoder and head came with the backbone's checkpoint, so the
+        model predicts without fine-tuning (zero-shot)."""
         super().__init__(backbone)
+        self.task_layers_pretrained = task_layers_pretrained
         self.neck = neck if neck is not None else nn.Identity()
         self.decoder = decoder
         self.head = head
@@ -109,25 +112,27 @@ def build_encoder_decoder(
     dec = build_decoder(decoder, channels, decoder_channels)
     head = PixelHead(dec.out_channels, num_classes, head_dropout, getattr(dec, "head_kernel_size", 1))
     shipped: PretrainedDecoder | None = getattr(backbone, "pretrained_decoder", None)
-    if shipped is not None:
-        load_pretrained_decoder(shipped, decoder, dec, head, class_names or [str(i) for i in range(num_classes)])
-        backbone.pretrained_decoder = None  # loaded: no second copy of the tensors
-    return EncoderDecoder(backbone, neck, dec, head, levels)
+    loaded = shipped is not None and load_pretrained_decoder(
+        shipped, decoder, dec, head, class_names or [str(i) for i in range(num_classes)])
+    backbone.pretrained_decoder = None  # loaded or not used: no second copy of the tensors
+    return EncoderDecoder(backbone, neck, dec, head, levels, task_layers_pretrained=loaded)
 
 
 def load_pretrained_decoder(shipped: PretrainedDecoder, name: str, decoder: nn.Module, head: PixelHead,
-                            class_names: Sequence[str]) -> None:
+                            class_names: Sequence[str]) -> bool:
     """Load the decoder and head weights that came with the backbone's checkpoint, if ``name`` is
-    the kind of decoder they belong to; head rows by class name (other classes start fresh)."""
+    the kind of decoder they belong to (returns whether it is); head rows by class name (other
+    classes start fresh)."""
     if shipped.decoder != name:
         log.warning("the backbone's checkpoint also holds a pretrained %s decoder; model.decoder %r starts "
                     "from scratch (use decoder: %s to keep it)", shipped.decoder, name, shipped.decoder)
-        return
-    load_checked(decoder, shipped.decoder_state, "the backbone's checkpoint",
+        return False
+    load_checked(decoder, shipped.decoder_state, shipped.source,
                  f"Set model.init_args.decoder_channels to the pretrained {name} decoder's width (256).")
     new = head.load_class_rows(shipped.head, shipped.class_names, class_names)
     log.info("pretrained %s decoder loaded; head classes %s: pretrained rows for %s, new: %s", name,
              list(class_names), [c for c in class_names if c not in new] or "none", new or "none")
+    return True
 
 
 class EncoderClassifier(BackboneModel):

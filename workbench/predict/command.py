@@ -126,9 +126,10 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     data.prepare_data()
     if cfg.ckpt_path is not None:
         load_checkpoint(task, cfg.ckpt_path)
-    elif not task.hparams.get("pretrained"):
+    elif not getattr(task.model, "task_layers_pretrained", False):
         raise UserInputError("--ckpt_path: give a checkpoint written by `workbench fit` (without one the config's "
-                             "model has random weights; only a pretrained model can predict zero-shot)")
+                             "decoder and head have random weights; only a model pretrained with them, such as "
+                             "csmask_unet_effb4_s2 with decoder: unet, can predict zero-shot)")
     else:
         print("workbench: no --ckpt_path: predicting with the model's pretrained weights as shipped (zero-shot)")
     rank, world, local_rank = process_rank()

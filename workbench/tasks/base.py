@@ -80,13 +80,13 @@ def create_backbone(
         if not Path(pretrained).is_file():
             raise UserInputError(
                 f"model.pretrained: checkpoint file {pretrained!r} does not exist. "
-                "Give the path of a local checkpoint (.pt or .safetensors), or null for random init."
+                "Give the path of a local checkpoint (.pt or .safetensors; .onnx for csmask_unet_effb4_s2), true for "
+                "the weights the backbone's package ships, or null for random init."
             )
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
     try:
         if model_cls is None:
             weights = kwargs.pop("pretrained_cfg_overlay", {}).get("file", kwargs.pop("pretrained", False))
-            kwargs.pop("pretrained", None)
             return TimmFeatures(name, pretrained=weights, **kwargs)
         return timm.create_model(name, **kwargs)
     except TypeError as err:
