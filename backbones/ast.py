@@ -19,11 +19,15 @@ from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
-from backbones.factory import create_with_local_weights, load_checked, read_state_dict, register_backbone
-from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
-from backbones.prithvi import default_out_indices, init_linear_weights
+from backbones.factory import load_checked, read_state_dict, register_backbone, strip_prefixes
+from backbones.features import (
+    GradCheckpointing, block_intermediates, checked_out_indices, default_out_indices, forward_blocks, vit_blocks,
+    vit_group_matcher,
+)
+from backbones.layers import init_linear_weights
 from workbench.errors import UserInputError
 
 AUDIOSET_MELS = 128  # the official checkpoints' spectrogram height
@@ -36,8 +40,11 @@ def patch_grid(n_mels: int, num_frames: int, patch_size: int, fstride: int, tstr
 
 
 class AudioSpectrogramTransformer(GradCheckpointing, nn.Module):
-    """AST encoder; see the module docstring. :meth:`forward_features` returns one
+    """AST encoder; see the module docstring. :meth:`forward_features` returns the normed tokens
+    ``(B, 2 + N, D)`` (cls and distillation tokens first); :meth:`forward_intermediates` one
     ``(B, D, f, t)`` map per ``out_indices`` (the last block's after the final norm)."""
+
+    num_prefix_tokens = PREFIX_TOKENS
 
     def __init__(
         self,
@@ -82,8 +89,8 @@ class AudioSpectrogramTransformer(GradCheckpointing, nn.Module):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid), num_prefix_tokens=PREFIX_TOKENS)
 
-    def forward_features(self, spectrogram: Tensor) -> list[Tensor]:
-        """``(B, 1, F, T)`` → list of ``(B, D, f, t)``, one per ``out_indices``."""
+    def _tokens(self, spectrogram: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``(B, 1, F, T)`` → tokens with positions ``(B, 2 + f*t, D)`` and the patch grid ``(f, t)``."""
         if spectrogram.ndim != 4 or spectrogram.shape[1] != self.patch_embed.proj.in_channels:
             raise UserInputError(
                 f"AST takes spectrograms (batch, {self.patch_embed.proj.in_channels}, mels, frames); "
@@ -92,13 +99,23 @@ class AudioSpectrogramTransformer(GradCheckpointing, nn.Module):
         x = self.patch_embed.proj(spectrogram)
         b, _, f, t = x.shape
         prefix = torch.cat([self.cls_token, self.dist_token], 1).expand(b, -1, -1)
-        tokens = torch.cat([prefix, x.flatten(2).transpose(1, 2)], 1) + self._position_embedding((f, t))
-        outputs = run_blocks(self.blocks, tokens, self.out_indices, self.norm,
-                               checkpointing=self.grad_checkpointing)
-        return [out[:, PREFIX_TOKENS:].transpose(1, 2).reshape(b, -1, f, t) for out in outputs]
+        return torch.cat([prefix, x.flatten(2).transpose(1, 2)], 1) + self._position_embedding((f, t)), (f, t)
 
-    def forward(self, spectrogram: Tensor) -> list[Tensor]:
+    def forward_features(self, spectrogram: Tensor) -> Tensor:
+        """``(B, 1, F, T)`` → normed tokens ``(B, 2 + N, D)``."""
+        return forward_blocks(self.blocks, self._tokens(spectrogram)[0], self.norm, self.recompute)
+
+    def forward_intermediates(self, spectrogram: Tensor) -> list[Tensor]:
+        """``(B, 1, F, T)`` → list of ``(B, D, f, t)``, one per ``out_indices``."""
+        tokens, (f, t) = self._tokens(spectrogram)
+        outputs = block_intermediates(self.blocks, tokens, self.out_indices, self.norm, recompute=self.recompute)
+        return [out[:, self.num_prefix_tokens:].transpose(1, 2).reshape(len(out), -1, f, t) for out in outputs]
+
+    def forward(self, spectrogram: Tensor) -> Tensor:
         return self.forward_features(spectrogram)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return vit_group_matcher(r"^cls_token|^dist_token|^pos_embed|^patch_embed", coarse)
 
 
 def load_ast(model: AudioSpectrogramTransformer, path: str | Path) -> dict[str, Any]:
@@ -107,12 +124,8 @@ def load_ast(model: AudioSpectrogramTransformer, path: str | Path) -> dict[str, 
     The AudioSet head (``mlp_head``) and DeiT's heads are dropped; the position embedding is
     resampled from the checkpoint's 128-mel grid to the model's. Returns a report.
     """
-    state = read_state_dict(Path(path))
-    vit = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith("v.") and not key.startswith("v.head"):  # DeiT heads
-            vit[key[2:]] = value
+    official = strip_prefixes(read_state_dict(Path(path)), ("module.",))
+    vit = {k[2:]: v for k, v in official.items() if k.startswith("v.") and not k.startswith("v.head")}  # DeiT heads
     if "pos_embed" not in vit:
         raise UserInputError(f"{path} is not in the official AST layout (no module.v.pos_embed key)")
     pos = vit["pos_embed"]
@@ -126,17 +139,14 @@ def load_ast(model: AudioSpectrogramTransformer, path: str | Path) -> dict[str, 
     return load_checked(model, vit, path, "check embed_dim, depth, patch_size and the strides in backbone_kwargs")
 
 
-def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> AudioSpectrogramTransformer:
-    return create_with_local_weights(AudioSpectrogramTransformer, arch, load_ast, pretrained, **kwargs)
-
-
-@register_backbone(AudioSpectrogramTransformer)
-def ast_base(pretrained: bool = False, **kwargs: Any) -> AudioSpectrogramTransformer:
-    """AST as published: ViT-B/16 (DeiT-base), strides 10×10, 128 mels × 1024 frames."""
-    return _create({"embed_dim": 768, "depth": 12, "num_heads": 12}, pretrained, **kwargs)
-
-
-@register_backbone(AudioSpectrogramTransformer)
-def ast_tiny(pretrained: bool = False, **kwargs: Any) -> AudioSpectrogramTransformer:
-    """A small AST for tests and CPU demos: D 192, 4 blocks, 3 heads."""
-    return _create({"embed_dim": 192, "depth": 4, "num_heads": 3}, pretrained, **kwargs)
+default_cfgs = generate_default_cfgs({
+    name: {"input_size": (1, AUDIOSET_MELS, 1024), "num_classes": 0, "first_conv": "patch_embed.proj",
+           "origin_url": "https://github.com/YuanGongND/ast",
+           "paper_name": "AST: Audio Spectrogram Transformer (Gong, Chung, Glass, Interspeech 2021)"}
+    for name in ("ast_base", "ast_tiny")
+})
+register_backbone(AudioSpectrogramTransformer, "ast_base", load_ast,
+                  "AST as published: ViT-B/16 (DeiT-base), strides 10×10, 128 mels × 1024 frames.",
+                  embed_dim=768, depth=12, num_heads=12)
+register_backbone(AudioSpectrogramTransformer, "ast_tiny", load_ast,
+                  "A small AST for tests and CPU demos: D 192, 4 blocks, 3 heads.", embed_dim=192, depth=4, num_heads=3)

@@ -17,7 +17,6 @@ half-precision rounding (tested in ``tests/test_csmask.py``).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,34 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import Tensor
 
-from backbones.factory import PretrainedDecoder, load_checked, read_state_dict
-from backbones.features import adapt_input_channels, bands_from_kwargs
+from backbones.factory import PretrainedDecoder, load_checked, read_state_dict, register_backbone
+from backbones.features import adapt_input_channels
 from backbones.smp_encoders import SmpEncoder
 from workbench.atomic import atomic_path, default_cache_dir
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "ukis_csmask"
 # The model's bands (blue, green, red, nir, swir16, swir22 in its JSON) under workbench's canonical
 # names: Sentinel-2 B2, B3, B4, B8A (narrow NIR, ~865 nm), B11, B12; Landsat-8 B2–B7.
 CSMASK_BANDS = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
 CSMASK_CLASSES = ("clear", "cloud", "cloud_shadow")
 PREFIXES = {"encoder": "model.encoder.", "decoder": "model.", "head": "model.segmentation_head.0."}
-
-
-def package_file(name: str) -> Path:
-    """A file inside the installed ``ukis_csmask`` package (not imported: it needs onnxruntime)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserInputError(
-            "model.pretrained: true needs the ukis-csmask weights: pip install 'workbench[csmask]' "
-            "(or ukis-csmask==1.0.0), or set model.pretrained to a local model_6b_l1c.onnx file"
-        )
-    return Path(spec.submodule_search_locations[0]) / name
 
 
 def onnx_initializers(path: Path) -> dict[str, Tensor]:
@@ -137,18 +124,19 @@ class CSMaskEncoder(SmpEncoder):
         super().__init__("efficientnet-b4", in_chans=len(self.bands), **kwargs)
         self.pretrained_decoder: PretrainedDecoder | None = None
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         if x.shape[1] != len(self.bands):
             raise UserInputError(
                 f"the csmask backbone expects {len(self.bands)} bands {self.bands} but the input has {x.shape[1]} "
                 "channels: select those bands in the data config, or set the model bands to match"
             )
-        return super().forward_features(x)
+        return super().forward_intermediates(x)
 
 
 default_cfgs = generate_default_cfgs({
     "csmask_unet_effb4_s2.l1c_6b": {
-        "file": "model_6b_l1c.onnx",  # inside the ukis_csmask package
+        "file": "ukis_csmask/model_6b_l1c.onnx",
+        "source": "package",  # a file of the installed ukis_csmask package
         "input_size": (len(CSMASK_BANDS), 256, 256),
         # reflectance 0–1; the numbers of ukis_csmask/model_6b_l1c.json (tests check they agree)
         "mean": (0.27552253, 0.25566444, 0.26980153, 0.33431220, 0.20851291, 0.15826508),
@@ -166,17 +154,6 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model
-def csmask_unet_effb4_s2(pretrained: bool = False, **kwargs: Any) -> CSMaskEncoder:
-    """ukis-csmask 6-band L1C model; ``pretrained`` loads the installed package file (or the
-    local file in ``pretrained_cfg_overlay['file']``). Use with ``decoder: unet``."""
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    bands_from_kwargs(kwargs, CSMASK_BANDS)
-    model = build_model_with_cfg(CSMaskEncoder, "csmask_unet_effb4_s2", pretrained=False,
-                                 kwargs_filter=("num_classes", "in_chans"), **kwargs)
-    if pretrained:
-        load_csmask(model, overlay.get("file") or package_file(model.pretrained_cfg["file"]))
-    return model
-
-
-csmask_unet_effb4_s2.model_cls = CSMaskEncoder
+register_backbone(CSMaskEncoder, "csmask_unet_effb4_s2", load_csmask,
+                  "ukis-csmask 6-band L1C model; ``pretrained`` loads the installed package file (or a local "
+                  "file). Use with ``decoder: unet``.", known_bands=CSMASK_BANDS)

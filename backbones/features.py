@@ -3,13 +3,14 @@ feature-map layout, and making timm SwinV2 adapter-friendly."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from timm.models import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from workbench.errors import UserInputError
 
@@ -31,7 +32,8 @@ def call_layers_as_modules(model: nn.Module) -> nn.Module:
 
 
 class GradCheckpointing:
-    """timm's ``set_grad_checkpointing`` for backbones that run their blocks with :func:`run_blocks`."""
+    """timm's ``set_grad_checkpointing`` for backbones that run their blocks with
+    :func:`forward_blocks` / :func:`block_intermediates`."""
 
     grad_checkpointing = False
 
@@ -40,22 +42,51 @@ class GradCheckpointing:
         activation memory for roughly one more forward pass of compute."""
         self.grad_checkpointing = enable
 
+    @property
+    def recompute(self) -> bool:
+        """Checkpointing is on and gradients are being recorded."""
+        return self.grad_checkpointing and torch.is_grad_enabled()
 
-def run_blocks(blocks: nn.ModuleList, tokens: Tensor, out_indices: list[int], norm: nn.Module,
-               pos: Tensor | None = None, checkpointing: bool = False) -> list[Tensor]:
-    """Run transformer ``blocks`` over ``tokens`` ``(B, N, D)``; the outputs of the blocks in
-    ``out_indices`` (in that order, repeats allowed), the last block's through ``norm``.
-    ``pos`` ``(B, N, D)``, if given, is added to the input of every block (Point-BERT/MAE);
-    ``checkpointing`` recomputes block activations in backward (when gradients are on)."""
+
+def forward_blocks(blocks: nn.ModuleList, tokens: Tensor, norm: nn.Module, recompute: bool = False) -> Tensor:
+    """All ``blocks`` over ``tokens`` ``(B, N, D)``, then ``norm``; ``recompute``: timm's
+    ``checkpoint_seq`` (activations recomputed in backward)."""
+    if recompute:
+        return norm(checkpoint_seq(blocks, tokens))
+    for block in blocks:
+        tokens = block(tokens)
+    return norm(tokens)
+
+
+def block_intermediates(blocks: nn.ModuleList, tokens: Tensor, indices: Sequence[int], norm: nn.Module,
+                        pos: Tensor | None = None, recompute: bool = False) -> list[Tensor]:
+    """Outputs ``(B, N, D)`` of the blocks in ``indices`` (in that order, repeats allowed), the
+    last block's through ``norm``; blocks after the deepest index are not run. ``pos`` ``(B, N, D)``,
+    if given, is added to the input of every block (Point-BERT/MAE); ``recompute``: each block
+    through timm's ``checkpoint``."""
     outputs: dict[int, Tensor] = {}
     last = len(blocks) - 1
-    recompute = checkpointing and torch.is_grad_enabled()
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(blocks[: max(indices) + 1]):
         x = tokens if pos is None else tokens + pos
-        tokens = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-        if i in out_indices:
+        tokens = checkpoint(block, x) if recompute else block(x)
+        if i in indices:
             outputs[i] = norm(tokens) if i == last else tokens
-    return [outputs[i] for i in out_indices]
+    return [outputs[i] for i in indices]
+
+
+def vit_group_matcher(stem: str, coarse: bool = False) -> dict[str, Any]:
+    """timm ``group_matcher`` of a ViT-like backbone: ``stem`` (a regex of the embedding
+    parameters) is group 0, block ``i`` group ``i + 1``, the final norm last (layer decay,
+    ``timm.models.group_parameters``)."""
+    return {"stem": stem, "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
+
+def default_out_indices(depth: int, levels: int = 4) -> list[int]:
+    """Evenly spaced block indices ending at the last block.
+
+    depth 12 → [2, 5, 8, 11], 24 → [5, 11, 17, 23], 32 → [7, 15, 23, 31], 2 → [0, 0, 1, 1].
+    """
+    return [math.ceil((i + 1) * depth / levels) - 1 for i in range(levels)]
 
 
 def checked_out_indices(out_indices: Sequence[int] | None, depth: int, default: list[int]) -> list[int]:

@@ -15,12 +15,15 @@ from functools import partial
 from typing import Any
 
 import torch
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from backbones.factory import create_with_local_weights, load_own_layout, register_backbone
-from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
-from backbones.prithvi import init_linear_weights
+from backbones.factory import load_own_layout, register_backbone
+from backbones.features import (
+    GradCheckpointing, block_intermediates, checked_out_indices, forward_blocks, vit_blocks, vit_group_matcher,
+)
+from backbones.layers import init_linear_weights
 from workbench.errors import UserInputError
 
 
@@ -33,9 +36,12 @@ class PatchTST(GradCheckpointing, nn.Module):
     """Channel-independent patch transformer; see the module docstring.
 
     Input ``(B, M, L)`` with ``patch_len <= L <= context_length``; :meth:`forward_features`
-    returns one ``(B, D, M, N)`` map per ``out_indices`` (default: the last block, after the final norm),
+    returns the normed tokens ``(B * M, N, D)`` (channels independent), :meth:`forward_intermediates`
+    one ``(B, D, M, N)`` map per ``out_indices`` (default: the last block, after the final norm),
     ``N = (L + stride - patch_len) // stride + 1``.
     """
+
+    num_prefix_tokens = 0
 
     def __init__(
         self,
@@ -86,31 +92,40 @@ class PatchTST(GradCheckpointing, nn.Module):
         padded = F.pad(series, (0, self.stride), mode="replicate")
         return padded.unfold(-1, self.patch_len, self.stride)
 
-    def forward_features(self, series: Tensor) -> list[Tensor]:
-        """``(B, M, L)`` → list of ``(B, D, M, N)``, one per ``out_indices``."""
+    def _tokens(self, series: Tensor) -> Tensor:
+        """``(B, M, L)`` → patch tokens with positions ``(B * M, N, D)``."""
         patches = self.patchify(series)
         b, m, n, _ = patches.shape
-        tokens = self.pos_drop(self.patch_embed(patches.reshape(b * m, n, -1)) + self.pos_embed[:, :n])
-        outputs = run_blocks(self.blocks, tokens, self.out_indices, self.norm,
-                               checkpointing=self.grad_checkpointing)
-        return [out.reshape(b, m, n, -1).permute(0, 3, 1, 2) for out in outputs]
+        return self.pos_drop(self.patch_embed(patches.reshape(b * m, n, -1)) + self.pos_embed[:, :n])
 
-    def forward(self, series: Tensor) -> list[Tensor]:
+    def forward_features(self, series: Tensor) -> Tensor:
+        """``(B, M, L)`` → normed tokens ``(B * M, N, D)``."""
+        return forward_blocks(self.blocks, self._tokens(series), self.norm, self.recompute)
+
+    def forward_intermediates(self, series: Tensor) -> list[Tensor]:
+        """``(B, M, L)`` → list of ``(B, D, M, N)``, one per ``out_indices``."""
+        b, m, _ = series.shape
+        outputs = block_intermediates(self.blocks, self._tokens(series), self.out_indices, self.norm,
+                                      recompute=self.recompute)
+        return [out[:, self.num_prefix_tokens:].reshape(b, m, out.shape[1] - self.num_prefix_tokens, -1)
+                .permute(0, 3, 1, 2) for out in outputs]
+
+    def forward(self, series: Tensor) -> Tensor:
         return self.forward_features(series)
 
-
-def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> PatchTST:
-    """Weights: a file in this model's own key layout (no public PatchTST checkpoint uses it)."""
-    return create_with_local_weights(PatchTST, arch, load_own_layout, pretrained, **kwargs)
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return vit_group_matcher(r"^pos_embed|^patch_embed", coarse)
 
 
-@register_backbone(PatchTST)
-def patchtst_small(pretrained: bool = False, **kwargs: Any) -> PatchTST:
-    """PatchTST's paper size: D 128, 3 layers, 16 heads, feed-forward 256, patches 16 / stride 8."""
-    return _create({"embed_dim": 128, "depth": 3, "num_heads": 16, "mlp_ratio": 2.0}, pretrained, **kwargs)
-
-
-@register_backbone(PatchTST)
-def patchtst_tiny(pretrained: bool = False, **kwargs: Any) -> PatchTST:
-    """A small PatchTST for tests and CPU demos: D 64, 2 layers, 4 heads."""
-    return _create({"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}, pretrained, **kwargs)
+default_cfgs = generate_default_cfgs({
+    name: {"num_classes": 0, "origin_url": "https://github.com/yuqinie98/PatchTST",
+           "paper_name": "A Time Series is Worth 64 Words: Long-term Forecasting with Transformers (ICLR 2023)"}
+    for name in ("patchtst_small", "patchtst_tiny")
+})
+# Weights: a file in this model's own key layout (no public PatchTST checkpoint uses it).
+register_backbone(PatchTST, "patchtst_small", load_own_layout,
+                  "PatchTST's paper size: D 128, 3 layers, 16 heads, feed-forward 256, patches 16 / stride 8.",
+                  embed_dim=128, depth=3, num_heads=16, mlp_ratio=2.0)
+register_backbone(PatchTST, "patchtst_tiny", load_own_layout,
+                  "A small PatchTST for tests and CPU demos: D 64, 2 layers, 4 heads.",
+                  embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)

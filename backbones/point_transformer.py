@@ -18,41 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
-from backbones.factory import create_with_local_weights, load_checked, read_state_dict, register_backbone
-from backbones.features import GradCheckpointing, checked_out_indices, run_blocks, vit_blocks
-from backbones.prithvi import default_out_indices, init_linear_weights
+from backbones.factory import load_checked, read_state_dict, register_backbone, strip_prefixes
+from backbones.features import (
+    GradCheckpointing, block_intermediates, checked_out_indices, default_out_indices, vit_blocks, vit_group_matcher,
+)
+from backbones.layers import farthest_point_sample, gather_points, init_linear_weights, knn
 from workbench.errors import UserInputError
-
-
-def farthest_point_sample(xyz: Tensor, count: int) -> Tensor:
-    """Indices ``(B, count)`` of ``count`` points of ``xyz`` ``(B, N, 3)`` spread by farthest point
-    sampling, starting from point 0 (deterministic)."""
-    b, n, _ = xyz.shape
-    chosen = torch.zeros(b, count, dtype=torch.long, device=xyz.device)
-    distance = torch.full((b, n), float("inf"), device=xyz.device)
-    farthest = torch.zeros(b, dtype=torch.long, device=xyz.device)
-    rows = torch.arange(b, device=xyz.device)
-    for i in range(count):
-        chosen[:, i] = farthest
-        distance = torch.minimum(distance, (xyz - xyz[rows, farthest].unsqueeze(1)).square().sum(-1))
-        farthest = distance.argmax(-1)
-    return chosen
-
-
-def gather_points(values: Tensor, index: Tensor) -> Tensor:
-    """``values`` ``(B, N, C)`` at ``index`` ``(B, ...)`` → ``(B, ..., C)``."""
-    flat = index.reshape(index.shape[0], -1)
-    out = torch.gather(values, 1, flat.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
-    return out.reshape(*index.shape, values.shape[-1])
-
-
-def knn(query: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Distances and indices ``(B, Q, k)`` of the ``k`` nearest ``points`` ``(B, N, 3)`` of each
-    ``query`` ``(B, Q, 3)``."""
-    distance, index = torch.cdist(query, points).topk(k, dim=-1, largest=False)
-    return distance, index
 
 
 class MiniPointNet(nn.Module):
@@ -76,8 +50,11 @@ class PointTransformer(GradCheckpointing, nn.Module):
     """Point-cloud encoder; see the module docstring.
 
     Input ``(B, N, in_chans)`` (xyz first) with ``N >= group_size``; :meth:`forward_features`
-    returns one ``(B, D, 1, G)`` map per ``out_indices`` (the last block's after the final norm).
+    returns the normed group tokens ``(B, G, D)``, :meth:`forward_intermediates` one
+    ``(B, D, 1, G)`` map per ``out_indices`` (the last block's after the final norm).
     """
+
+    num_prefix_tokens = 0
 
     def __init__(
         self,
@@ -127,15 +104,27 @@ class PointTransformer(GradCheckpointing, nn.Module):
         tokens = self.encoder(groups.reshape(b * g, k, c).transpose(1, 2))
         return tokens.reshape(b, g, -1), centers
 
-    def forward_features(self, points: Tensor) -> list[Tensor]:
-        """``(B, N, C)`` → list of ``(B, D, 1, G)``, one per ``out_indices``."""
+    def _blocks(self, points: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        """Outputs ``(B, G, D)`` of the blocks in ``indices``; the centre positions are added to
+        every block's input, as in Point-BERT/MAE."""
         tokens, centers = self.tokenize(points)
-        outputs = run_blocks(self.blocks, tokens, self.out_indices, self.norm, pos=self.pos_embed(centers),
-                               checkpointing=self.grad_checkpointing)
-        return [out.transpose(1, 2).unsqueeze(2) for out in outputs]
+        return block_intermediates(self.blocks, tokens, indices, self.norm, pos=self.pos_embed(centers),
+                                   recompute=self.recompute)
 
-    def forward(self, points: Tensor) -> list[Tensor]:
+    def forward_features(self, points: Tensor) -> Tensor:
+        """``(B, N, C)`` → normed group tokens ``(B, G, D)``."""
+        return self._blocks(points, [len(self.blocks) - 1])[0]
+
+    def forward_intermediates(self, points: Tensor) -> list[Tensor]:
+        """``(B, N, C)`` → list of ``(B, D, 1, G)``, one per ``out_indices``."""
+        return [out[:, self.num_prefix_tokens:].transpose(1, 2).unsqueeze(2)
+                for out in self._blocks(points, self.out_indices)]
+
+    def forward(self, points: Tensor) -> Tensor:
         return self.forward_features(points)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return vit_group_matcher(r"^encoder|^pos_embed", coarse)
 
 
 OFFICIAL_PREFIXES = ("module.", "base_model.", "MAE_encoder.", "transformer_q.")
@@ -147,11 +136,8 @@ def load_point_transformer(model: PointTransformer, path: str | Path) -> dict[st
     Decoder, heads, mask and class tokens are ignored. With extra per-point features
     (``in_chans > 3``) the first layer's xyz weights load and the feature weights start at zero.
     """
-    encoder = {}
-    for key, value in read_state_dict(Path(path)).items():
-        for prefix in OFFICIAL_PREFIXES:
-            key = key.removeprefix(prefix)
-        encoder[key.replace("blocks.blocks.", "blocks.")] = value
+    official = strip_prefixes(read_state_dict(Path(path)), OFFICIAL_PREFIXES)
+    encoder = {k.replace("blocks.blocks.", "blocks."): v for k, v in official.items()}
     own = model.state_dict()
     first = "encoder.first_conv.0.weight"
     if first in encoder and encoder[first].shape[1] == 3 < model.in_chans:
@@ -161,17 +147,14 @@ def load_point_transformer(model: PointTransformer, path: str | Path) -> dict[st
     return load_checked(model, encoder, path, "check embed_dim, depth and num_heads in model.backbone_kwargs")
 
 
-def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> PointTransformer:
-    return create_with_local_weights(PointTransformer, arch, load_point_transformer, pretrained, **kwargs)
-
-
-@register_backbone(PointTransformer)
-def point_mae_small(pretrained: bool = False, **kwargs: Any) -> PointTransformer:
-    """Point-MAE / Point-BERT as published: D 384, 12 blocks, 6 heads, 64 groups of 32 points."""
-    return _create({"embed_dim": 384, "depth": 12, "num_heads": 6}, pretrained, **kwargs)
-
-
-@register_backbone(PointTransformer)
-def point_mae_tiny(pretrained: bool = False, **kwargs: Any) -> PointTransformer:
-    """A small point transformer for tests and CPU demos: D 96, 4 blocks, 3 heads."""
-    return _create({"embed_dim": 96, "depth": 4, "num_heads": 3}, pretrained, **kwargs)
+default_cfgs = generate_default_cfgs({
+    name: {"num_classes": 0, "origin_url": "https://github.com/Pang-Yatian/Point-MAE",
+           "paper_name": "Masked Autoencoders for Point Cloud Self-supervised Learning (ECCV 2022)"}
+    for name in ("point_mae_small", "point_mae_tiny")
+})
+register_backbone(PointTransformer, "point_mae_small", load_point_transformer,
+                  "Point-MAE / Point-BERT as published: D 384, 12 blocks, 6 heads, 64 groups of 32 points.",
+                  embed_dim=384, depth=12, num_heads=6)
+register_backbone(PointTransformer, "point_mae_tiny", load_point_transformer,
+                  "A small point transformer for tests and CPU demos: D 96, 4 blocks, 3 heads.",
+                  embed_dim=96, depth=4, num_heads=3)

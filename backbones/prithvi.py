@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
-from backbones.factory import load_checked, read_state_dict
+from backbones.factory import load_checked, read_state_dict, register_backbone, strip_prefixes
 from backbones.features import (
-    GradCheckpointing, adapt_input_channels, bands_from_kwargs, checked_out_indices, run_blocks, vit_blocks,
+    GradCheckpointing, adapt_input_channels, block_intermediates, checked_out_indices,
+    default_out_indices, forward_blocks, vit_blocks, vit_group_matcher,
 )
+from backbones.layers import init_linear_weights, sincos_1d, sincos_3d
+from datamodules.bands import HLS_BANDS
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-HLS_BANDS = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
 V1_MEAN = (775.2290, 1080.9928, 1228.5855, 2497.2023, 2204.2139, 1610.8325)
 V1_STD = (1281.5261, 1270.0298, 1399.4803, 1368.3446, 1291.6764, 1154.5057)
 V2_MEAN = (1087.0, 1342.0, 1433.0, 2734.0, 1958.0, 1363.0)
@@ -34,29 +36,7 @@ V2_STD = (2248.0, 2179.0, 2178.0, 1850.0, 1242.0, 1049.0)
 COORDS = ("time", "location")
 
 
-# --- fixed sin-cos embeddings ---------------------------------------------------------------
-
-
-def sincos_1d(dim: int, positions: Tensor) -> Tensor:
-    """Sin-cos embedding of positions ``(N,)`` → ``(N, dim)`` (sines first, then cosines)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    angles = positions.double().reshape(-1, 1) * omega.to(positions.device).reshape(1, -1)
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
-
-
-def sincos_3d(dim: int, grid: tuple[int, int, int]) -> Tensor:
-    """3-D sin-cos position embedding for a ``(T, H, W)`` token grid → ``(T*H*W, dim)``.
-
-    W and H each take 6/16 of ``dim``, time 4/16, concatenated as (w, h, t) with tokens ordered
-    time-major, then rows, then columns — the layout of the official Prithvi MAE.
-    """
-    if dim % 16:
-        raise UserInputError(f"embed_dim must be a multiple of 16 for 3-D sin-cos, got {dim}")
-    t, h, w = grid
-    emb_w = sincos_1d(dim // 16 * 6, torch.arange(w)).repeat(t * h, 1)
-    emb_h = sincos_1d(dim // 16 * 6, torch.arange(h)).repeat_interleave(w, 0).repeat(t, 1)
-    emb_t = sincos_1d(dim // 16 * 4, torch.arange(t)).repeat_interleave(h * w, 0)
-    return torch.cat([emb_w, emb_h, emb_t], dim=1)
+# --- time and location encodings ----------------------------------------------------------
 
 
 class TemporalEncoder(nn.Module):
@@ -103,23 +83,18 @@ class PatchEmbed3D(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def default_out_indices(depth: int, levels: int = 4) -> list[int]:
-    """Evenly spaced block indices ending at the last block.
-
-    depth 12 → [2, 5, 8, 11], 24 → [5, 11, 17, 23], 32 → [7, 15, 23, 31], 2 → [0, 0, 1, 1].
-    """
-    return [math.ceil((i + 1) * depth / levels) - 1 for i in range(levels)]
-
-
 class PrithviViT(GradCheckpointing, nn.Module):
     """Prithvi-EO encoder returning multi-level feature maps.
 
     Input ``(B, C, T, H, W)`` or ``(B, C, H, W)`` (one frame), ``C = len(bands)``; H and W any
     multiple of the patch size (position embeddings are recomputed for the token grid).
-    :meth:`forward_features` returns, for each block in ``out_indices``, a map
+    :meth:`forward_features` returns the normed tokens ``(B, 1 + N, D)`` (cls first), as timm's
+    ViT; :meth:`forward_intermediates` returns, for each block in ``out_indices``, a map
     ``(B, D * T', H/p, W/p)`` with time folded into channels (``T' = T / tubelet``); the last
     block's output goes through the final norm, as in the official encoder.
     """
+
+    num_prefix_tokens = 1  # the cls token; readouts drop the first ``num_prefix_tokens`` tokens
 
     def __init__(
         self,
@@ -217,25 +192,31 @@ class PrithviViT(GradCheckpointing, nn.Module):
             tokens = tokens + self.location_embed_enc(location_coords.to(x.dtype))
         return tokens, grid
 
-    def forward_features(
-        self,
-        x: Tensor,
-        temporal_coords: Tensor | None = None,
-        location_coords: Tensor | None = None,
-    ) -> list[Tensor]:
-        """``(B, C, [T,] H, W)`` → list of ``(B, D*T', H/p, W/p)``, one per ``out_indices``."""
+    def _tokens(self, x: Tensor, temporal_coords: Tensor | None, location_coords: Tensor | None,
+                ) -> tuple[Tensor, tuple[int, int, int]]:
+        """:meth:`embed` with the cls token first: ``(B, 1 + N, D)`` and the token grid."""
         tokens, grid = self.embed(x, temporal_coords, location_coords)
-        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        outputs = run_blocks(self.blocks, tokens, self.out_indices, self.norm, checkpointing=self.grad_checkpointing)
-        return [self._to_map(out[:, 1:], grid) for out in outputs]
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1), grid
+
+    def forward_features(self, x: Tensor, temporal_coords: Tensor | None = None,
+                         location_coords: Tensor | None = None) -> Tensor:
+        """``(B, C, [T,] H, W)`` → normed tokens ``(B, 1 + N, D)``."""
+        tokens, _ = self._tokens(x, temporal_coords, location_coords)
+        return forward_blocks(self.blocks, tokens, self.norm, self.recompute)
+
+    def forward_intermediates(self, x: Tensor, temporal_coords: Tensor | None = None,
+                              location_coords: Tensor | None = None) -> list[Tensor]:
+        """``(B, C, [T,] H, W)`` → list of ``(B, D*T', H/p, W/p)``, one per ``out_indices``."""
+        tokens, grid = self._tokens(x, temporal_coords, location_coords)
+        outputs = block_intermediates(self.blocks, tokens, self.out_indices, self.norm, recompute=self.recompute)
+        return [self._to_map(out[:, self.num_prefix_tokens:], grid) for out in outputs]
 
     def forward_visible(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """MAE encoder pass over the kept tokens only: ``tokens`` ``(B, N, D)`` from :meth:`embed`,
         ``keep`` ``(B, K)`` token indices → normed ``(B, 1 + K, D)`` (cls first)."""
         visible = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         out = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), visible], dim=1)
-        last = len(self.blocks) - 1
-        return run_blocks(self.blocks, out, [last], self.norm, checkpointing=self.grad_checkpointing)[0]
+        return forward_blocks(self.blocks, out, self.norm, self.recompute)
 
     @staticmethod
     def _to_map(tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -244,38 +225,17 @@ class PrithviViT(GradCheckpointing, nn.Module):
         b, _, d = tokens.shape
         return tokens.reshape(b, t, h, w, d).permute(0, 4, 1, 2, 3).reshape(b, d * t, h, w)
 
-    def forward(self, x: Tensor, **coords: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor, **coords: Tensor) -> Tensor:
         return self.forward_features(x, **coords)
 
-
-def init_linear_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv3d):
-        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return vit_group_matcher(r"^cls_token|^pos_embed|^patch_embed|^temporal_embed_enc|^location_embed_enc", coarse)
 
 
 # --- loading official checkpoints ----------------------------------------------------------
 
 DECODER_PREFIXES = ("decoder.", "decoder_", "mask_token")
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop wrapper prefixes (``module.``, ``encoder.``, ...) and all MAE decoder keys."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        if not key.startswith(DECODER_PREFIXES):
-            out[key] = value
-    return out
 
 
 def _describe(state: dict[str, Tensor]) -> str:
@@ -300,7 +260,8 @@ def load_pretrained(model: PrithviViT, path: str | Path) -> dict[str, Any]:
     unexpected or mis-shaped keys.
     """
     path = Path(path)
-    state = _strip_prefixes(read_state_dict(path))
+    state = {k: v for k, v in strip_prefixes(read_state_dict(path), WRAPPER_PREFIXES).items()
+             if not k.startswith(DECODER_PREFIXES)}
     report: dict[str, Any] = {"file": str(path), "dropped": [], "new_bands": [], "kept_init": []}
     if state.pop("pos_embed", None) is not None:
         report["dropped"].append("pos_embed (fixed sin-cos, recomputed for the model grid)")
@@ -323,21 +284,6 @@ def load_pretrained(model: PrithviViT, path: str | Path) -> dict[str, Any]:
         report["kept_init"] or "none",
     )
     return report
-
-
-def _resolve_checkpoint(cfg: dict[str, Any]) -> Path:
-    """Local ``file`` from the pretrained cfg, else a Hugging Face Hub download (online only)."""
-    if cfg.get("file"):
-        return Path(cfg["file"])
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"]))
-    except Exception as err:
-        raise UserInputError(
-            f"could not download {cfg.get('hf_hub_filename')} from {cfg.get('hf_hub_id')} ({err}). "
-            "Download it where you have internet and pass the local file as `pretrained: <path>`."
-        ) from None
 
 
 # --- named sizes ---------------------------------------------------------------------------
@@ -370,35 +316,16 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> PrithviViT:
-    """Build a named size; ``pretrained`` loads the cfg's local ``file`` or its hub checkpoint."""
-    bands_from_kwargs(kwargs, HLS_BANDS)
-    model = build_model_with_cfg(
-        PrithviViT, variant, pretrained=False, kwargs_filter=("num_classes", "in_chans"), **kwargs
-    )
-    if pretrained:
-        load_pretrained(model, _resolve_checkpoint(model.pretrained_cfg))
-    return model
-
-
-def _register(variant: str, **arch: Any) -> None:
-    def factory(pretrained: bool = False, **kwargs: Any) -> PrithviViT:
-        return _create(variant, pretrained, **{**arch, **kwargs})
-
-    factory.__name__ = variant
-    factory.__doc__ = f"{variant}: {arch}"
-    factory.model_cls = PrithviViT  # lets callers list valid constructor arguments
-    register_model(factory)
-
-
 _TL = ("time", "location")
-_register("prithvi_eo_v1_100m", num_frames=3, embed_dim=768, depth=12, num_heads=12)
-_register("prithvi_eo_v2_tiny_tl", num_frames=1, embed_dim=192, depth=12, num_heads=3, coords_encoding=_TL)
-_register("prithvi_eo_v2_100m_tl", num_frames=4, embed_dim=768, depth=12, num_heads=12, coords_encoding=_TL)
-_register("prithvi_eo_v2_300m", num_frames=4, embed_dim=1024, depth=24, num_heads=16)
-_register("prithvi_eo_v2_300m_tl", num_frames=4, embed_dim=1024, depth=24, num_heads=16, coords_encoding=_TL)
-_register("prithvi_eo_v2_600m", num_frames=4, embed_dim=1280, depth=32, num_heads=16, patch_size=(1, 14, 14))
-_register(
-    "prithvi_eo_v2_600m_tl", num_frames=4, embed_dim=1280, depth=32, num_heads=16, patch_size=(1, 14, 14),
-    coords_encoding=_TL,
-)
+_SIZES: dict[str, dict[str, Any]] = {
+    "prithvi_eo_v1_100m": {"num_frames": 3, "embed_dim": 768, "depth": 12, "num_heads": 12},
+    "prithvi_eo_v2_tiny_tl": {"num_frames": 1, "embed_dim": 192, "depth": 12, "num_heads": 3, "coords_encoding": _TL},
+    "prithvi_eo_v2_100m_tl": {"num_frames": 4, "embed_dim": 768, "depth": 12, "num_heads": 12, "coords_encoding": _TL},
+    "prithvi_eo_v2_300m": {"num_frames": 4, "embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "prithvi_eo_v2_300m_tl": {"num_frames": 4, "embed_dim": 1024, "depth": 24, "num_heads": 16, "coords_encoding": _TL},
+    "prithvi_eo_v2_600m": {"num_frames": 4, "embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": (1, 14, 14)},
+    "prithvi_eo_v2_600m_tl": {"num_frames": 4, "embed_dim": 1280, "depth": 32, "num_heads": 16,
+                              "patch_size": (1, 14, 14), "coords_encoding": _TL},
+}
+for _variant, _arch in _SIZES.items():
+    register_backbone(PrithviViT, _variant, load_pretrained, f"{_variant}: {_arch}", known_bands=HLS_BANDS, **_arch)

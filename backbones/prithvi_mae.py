@@ -15,7 +15,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from backbones.prithvi import LocationEncoder, PrithviViT, TemporalEncoder, init_linear_weights, sincos_3d
+from backbones.factory import read_state_dict
+from backbones.layers import init_linear_weights, sincos_3d
+from backbones.prithvi import LocationEncoder, PrithviViT, TemporalEncoder
 
 
 def as_frames(x: Tensor) -> Tensor:
@@ -127,8 +129,6 @@ class PrithviMAE(nn.Module):
 
     def load_decoder(self, path: str | Path) -> dict[str, Any]:
         """Load an official checkpoint's ``decoder.*`` keys (position embeddings recomputed)."""
-        from backbones.factory import read_state_dict
-
         state = {k[len("decoder."):]: v for k, v in read_state_dict(Path(path)).items() if k.startswith("decoder.")}
         state.pop("decoder_pos_embed", None)
         result = self.decoder.load_state_dict(state, strict=False)

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from timm.models import generate_default_cfgs
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from backbones.factory import create_with_local_weights, load_checked, read_state_dict, register_backbone
+from backbones.factory import load_checked, read_state_dict, register_backbone, select_prefix
 from backbones.features import call_layers_as_modules, to_nchw
 from workbench.errors import UserInputError
 
@@ -54,11 +55,20 @@ class SatVisionSwinV2(nn.Module):
         """The SwinV2 stages (each with ``.blocks``), for per-block strategies."""
         return self.model.layers
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != len(self.bands):
             raise UserInputError(
                 f"SatVision expects (B, {len(self.bands)}, H, W) inputs (bands {self.bands}), got {tuple(x.shape)}"
             )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` → the last stage after the final norm, ``(B, H/r, W/r, C_last)`` (timm's NHWC)."""
+        self._check_input(x)
+        return self.model.forward_features(x)
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """``(B, C, H, W)`` → one ``(B, C_i, H/r_i, W/r_i)`` map per stage."""
+        self._check_input(x)
         x = self.model.patch_embed(x)
         features = []
         for i, layer in enumerate(self.model.layers):
@@ -66,33 +76,33 @@ class SatVisionSwinV2(nn.Module):
             features.append(self.model.norm(x) if i == len(self.model.layers) - 1 else x)
         return to_nchw(features, [i["num_chs"] for i in self.feature_info])
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm SwinV2's matcher under the ``model.`` prefix: stem, each block, the final norm."""
+        return {"stem": r"^model\.(?:absolute_pos_embed|patch_embed)",
+                "blocks": r"^model\.layers\.(\d+)" if coarse else [
+                    (r"^model\.layers\.(\d+)\.downsample", (0,)), (r"^model\.layers\.(\d+)\.\w+\.(\d+)", None),
+                    (r"^model\.norm", (99999,))]}
 
 
 def load_satvision(model: SatVisionSwinV2, path: str | Path) -> dict[str, Any]:
     """Load an official SatVision-TOA checkpoint (or a plain SwinV2 state dict) into ``model``."""
-    state = read_state_dict(Path(path))
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = select_prefix(read_state_dict(Path(path)), "encoder.")
     state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("head")}
     hint = "Pick the size the checkpoint was trained with (embed_dim, depths, num_heads, window_size, in_chans)."
     return load_checked(model.model, checkpoint_filter_fn(state, model.model), path, hint, allow_unexpected=False)
 
 
-def _create(arch: dict[str, Any], pretrained: bool, **kwargs: Any) -> SatVisionSwinV2:
-    """Build a named size; ``pretrained`` loads the local file in ``pretrained_cfg_overlay``."""
-    return create_with_local_weights(SatVisionSwinV2, arch, load_satvision, pretrained, **kwargs)
-
-
-@register_backbone(SatVisionSwinV2)
-def satvision_toa_giant(pretrained: bool = False, **kwargs: Any) -> SatVisionSwinV2:
-    """SatVision-TOA giant: SwinV2-G, 14 MODIS TOA bands, 128 px, patch 4, window 8."""
-    return _create({"embed_dim": 512, "depths": (2, 2, 42, 2), "num_heads": (16, 32, 64, 128)}, pretrained, **kwargs)
-
-
-@register_backbone(SatVisionSwinV2)
-def satvision_toa_tiny(pretrained: bool = False, **kwargs: Any) -> SatVisionSwinV2:
-    """A small SwinV2 in the SatVision-TOA layout (for tests and CPU demos)."""
-    return _create({"embed_dim": 64, "depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)}, pretrained, **kwargs)
-
+default_cfgs = generate_default_cfgs({
+    name: {"input_size": (len(MODIS_TOA_BANDS), 128, 128), "num_classes": 0, "first_conv": "model.patch_embed.proj",
+           "origin_url": "https://github.com/nasa-nccs-hpda/pytorch-caney"}
+    for name in ("satvision_toa_giant", "satvision_toa_tiny")
+})
+register_backbone(SatVisionSwinV2, "satvision_toa_giant", load_satvision,
+                  "SatVision-TOA giant: SwinV2-G, 14 MODIS TOA bands, 128 px, patch 4, window 8.",
+                  embed_dim=512, depths=(2, 2, 42, 2), num_heads=(16, 32, 64, 128))
+register_backbone(SatVisionSwinV2, "satvision_toa_tiny", load_satvision,
+                  "A small SwinV2 in the SatVision-TOA layout (for tests and CPU demos).",
+                  embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))

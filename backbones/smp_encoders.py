@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backbones.factory import load_checked, read_state_dict
+from backbones.factory import load_checked, read_state_dict, select_prefix
 from workbench.errors import UserInputError
 
 PREFIX = "smp:"
@@ -27,8 +27,9 @@ PREFIX = "smp:"
 
 class SmpEncoder(nn.Module):
     """``segmentation_models_pytorch.encoders.get_encoder(name)`` behind the backbone interface:
-    :meth:`forward_features` ``(B, C, H, W)`` → one map per stage (strides 2 … 32; the identity
-    stage and empty stages are dropped) and ``feature_info`` with ``num_chs`` / ``reduction``."""
+    :meth:`forward_intermediates` ``(B, C, H, W)`` → one map per stage (strides 2 … 32; the
+    identity stage and empty stages are dropped), :meth:`forward_features` the last of them, and
+    ``feature_info`` with ``num_chs`` / ``reduction``."""
 
     def __init__(self, name: str, in_chans: int = 3, depth: int = 5, pretrained: str | None = None,
                  **kwargs: Any) -> None:
@@ -56,25 +57,45 @@ class SmpEncoder(nn.Module):
         if pretrained:
             load_smp_encoder(self, pretrained)
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """``(B, C, H, W)`` → ``[(B, C_i, H / r_i, W / r_i)]``, one per stage."""
         features = self.model(x)
         return [features[i] for i in self.feature_levels]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` → the deepest stage's map ``(B, C_last, H / 32, W / 32)``."""
+        return self.forward_intermediates(x)[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm-style parameter groups (layer decay): the stem, then each EfficientNet block or
+        ResNet stage in forward order."""
+        if self.family() == "efficientnet":
+            return {"stem": r"^model\.(?:_conv_stem|_bn0)\.", "blocks": r"^model\._blocks\.(\d+)\."}
+        return {"stem": r"^model\.(?:conv1|bn1)\.", "blocks": r"^model\.layer(\d+)\."}
+
+    def family(self) -> str:
+        """``efficientnet`` or ``resnet``: the encoder layouts whose stages and layers are known."""
+        m = self.model
+        if isinstance(getattr(m, "_blocks", None), nn.ModuleList) and hasattr(m, "_out_indexes"):
+            return "efficientnet"
+        if all(hasattr(m, f"layer{i}") for i in range(1, 5)):
+            return "resnet"
+        raise UserInputError(f"per-stage strategies and layer decay do not know the stages of smp encoder "
+                             f"{self.name!r} (EfficientNet and ResNet-style encoders are known)")
 
     def stages(self) -> list[list[nn.Module]]:
         """The modules of each feature stage (strides 2, 4, …, 32), for per-stage strategies
         (``LastBlocks``): EfficientNet (stem, then its blocks split at the stage outputs) and
         ResNet-style encoders (stem, ``layer1`` … ``layer4``)."""
         m = self.model
-        if isinstance(getattr(m, "_blocks", None), nn.ModuleList) and hasattr(m, "_out_indexes"):
+        if self.family() == "efficientnet":
             ends = list(m._out_indexes)[: len(self.feature_levels) - 1]
             starts = [0, *(e + 1 for e in ends[:-1])]
             return [[m._conv_stem, m._bn0], *([*m._blocks[a : b + 1]] for a, b in zip(starts, ends))]
-        if all(hasattr(m, f"layer{i}") for i in range(1, 5)):
-            return [[m.conv1, m.bn1], *([getattr(m, f"layer{i}")] for i in range(1, 5))]
-        raise UserInputError(f"per-stage strategies do not know the stages of smp encoder {self.name!r}")
+        return [[m.conv1, m.bn1], *([getattr(m, f"layer{i}")] for i in range(1, 5))]
 
 
 def plain_padded_convs(encoder: nn.Module) -> int:
@@ -106,10 +127,7 @@ def plain_padded_convs(encoder: nn.Module) -> int:
 
 def load_smp_encoder(model: SmpEncoder, path: str | Path) -> dict[str, Any]:
     """Load encoder weights (bare keys or a whole smp model's ``encoder.*``) into ``model``."""
-    state = read_state_dict(Path(path))
-    for prefix in ("model.", "encoder."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = select_prefix(select_prefix(read_state_dict(Path(path)), "model."), "encoder.")
     return load_checked(model.model, state, path, f"is it a {model.name} encoder with the same in_chans?")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from backbones.point_transformer import gather_points, knn
+from backbones.layers import gather_points, knn
 
 
 def propagate(points: Tensor, centers: Tensor, tokens: Tensor, k: int = 3) -> Tensor:

@@ -7,17 +7,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def instance_normalize(series: Tensor, observed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """RevIN-style: each channel of each series ``(B, M, L)`` standardized by its own mean and std
-    over the ``observed`` steps (all when None); returns the normalized series, mean and std
-    ``(B, M, 1)`` to undo it."""
-    weight = torch.ones_like(series) if observed is None else observed.to(series.dtype)
-    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
-    mean = (series * weight).sum(-1, keepdim=True) / count
-    std = (((series - mean) * weight).square().sum(-1, keepdim=True) / count + 1e-5).sqrt()
-    return (series - mean) / std * weight, mean, std
-
-
 class FlattenHead(nn.Module):
     """``(B, D, M, N)`` → each channel's ``D × N`` features flattened → linear → ``(B, M, out_len)``
     (PatchTST's forecasting head)."""

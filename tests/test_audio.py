@@ -59,9 +59,9 @@ def test_ast_shapes_and_official_checkpoint(tmp_path: Path) -> None:
     arch = {"embed_dim": 32, "depth": 2, "num_heads": 2}
     model = timm.create_model("ast_tiny", n_mels=32, num_frames=48, **arch).eval()
     spectrogram = torch.randn(2, 1, 32, 48)
-    features = model.forward_features(spectrogram)
+    features = model.forward_intermediates(spectrogram)
     assert [f.shape for f in features] == [(2, 32, *patch_grid(32, 48, 16, 10, 10))] * len(model.out_indices)
-    assert model.forward_features(torch.randn(1, 1, 32, 90))[-1].shape[-1] == patch_grid(32, 90, 16, 10, 10)[1]
+    assert model.forward_intermediates(torch.randn(1, 1, 32, 90))[-1].shape[-1] == patch_grid(32, 90, 16, 10, 10)[1]
 
     # a checkpoint in the official layout: DataParallel-wrapped ASTModel, 128-mel grid of 12 x 9 patches
     official = timm.create_model("ast_tiny", n_mels=128, num_frames=100, **arch)

@@ -10,11 +10,11 @@ import yaml
 from safetensors.torch import save_file
 
 import backbones  # noqa: F401
+from backbones.builder import create_backbone
 from backbones.prithvi import load_pretrained
 from backbones.prithvi_mae import PrithviMAE, keep_from_hidden, patchify, unpatchify
 from tests.conftest import TINY_BACKBONE, fit_run, write_config
 from workbench.cli import main
-from workbench.tasks.base import create_backbone
 from workbench.tasks.pretrain import hidden_patch_mse
 
 

@@ -24,7 +24,7 @@ def test_checkpointing_gives_the_same_outputs_and_gradients(name: str) -> None:
     for enable in (False, True):
         model.set_grad_checkpointing(enable)
         model.zero_grad()
-        out = model.forward_features(x)[-1]
+        out = model.forward_intermediates(x)[-1]
         out.square().mean().backward()
         outputs.append(out.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from backbones.builder import create_backbone
 from tests.conftest import TINY_BACKBONE, write_config
 from workbench.cli import main
 from workbench.merge import greedy_soup, merge_task_vectors, trim, uniform_soup
 from workbench.merge.checkpoints import load_task
-from workbench.tasks.base import create_backbone
 
 
 def test_uniform_soup_means_floats_and_keeps_integer_buffers() -> None:

@@ -149,9 +149,9 @@ def test_vpt_needs_a_plain_vit_and_keeps_features_layout() -> None:
     deep = tiny(VPT(num_tokens=3))
     shallow = tiny(VPT(num_tokens=3, deep=False))
     image = torch.randn(2, 6, 32, 32)
-    plain = [f.shape for f in tiny().backbone.forward_features(image)]
-    assert [f.shape for f in deep.backbone.forward_features(image)] == plain
-    assert [f.shape for f in shallow.backbone.forward_features(image)] == plain
+    plain = [f.shape for f in tiny().backbone.forward_intermediates(image)]
+    assert [f.shape for f in deep.backbone.forward_intermediates(image)] == plain
+    assert [f.shape for f in shallow.backbone.forward_intermediates(image)] == plain
     with pytest.raises(UserInputError, match="plain ViT"):
         VPT().apply(EncoderDecoder(nn.Linear(2, 2), None, nn.Identity(), nn.Identity()))
 
@@ -184,7 +184,7 @@ def test_parameter_groups_and_layer_decay() -> None:
     model.backbone.blocks[1].mlp.fc1.weight.requires_grad_(True)  # one encoder weight trains too
     groups = parameter_groups(model, strategy.added_parameters, {"backbone": 0.1, "head": 2.0}, layer_decay=0.5)
     scale = {g["name"]: g["lr_scale"] for g in groups}
-    top = DEPTH + 1  # embeddings 0, blocks 1..DEPTH, final norm DEPTH + 1
+    top = DEPTH + 1  # embeddings 0, blocks 1..DEPTH (final norm with the last), the task layers DEPTH + 1
     assert scale["head"] == 2.0
     assert scale["adapter.1"] == pytest.approx(0.5 ** (top - 1))
     assert scale["adapter.2"] == pytest.approx(0.5 ** (top - 2))
@@ -199,7 +199,7 @@ def test_feature_cache_gives_the_same_outputs() -> None:
     for _ in range(2):  # two "epochs": the second is served from the cache
         for i in (0, 2):
             torch.testing.assert_close(cached.decoder(cached.neck(cached.feature_cache(cached.backbone, images[i:i + 2]))),
-                                       plain.decoder(plain.neck(plain.backbone.forward_features(images[i:i + 2]))))
+                                       plain.decoder(plain.neck(plain.backbone.forward_intermediates(images[i:i + 2]))))
     assert cached.feature_cache.hits == 4 and cached.feature_cache.misses == 4
 
 

@@ -12,7 +12,8 @@ import timm
 import torch
 from plyfile import PlyData, PlyElement
 
-from backbones.point_transformer import farthest_point_sample, load_point_transformer
+from backbones.layers import farthest_point_sample
+from backbones.point_transformer import load_point_transformer
 from datamodules.points import PointClassificationDataModule, PointSegmentationDataModule, read_cloud
 from heads.points import propagate
 from tests.conftest import fit_run, write_task_config
@@ -120,8 +121,8 @@ def test_point_mae_checkpoint_loads_with_extra_features(tmp_path: Path) -> None:
     assert torch.all(first[:, 3:] == 0)  # the new intensity input starts switched off
     model.eval(), official.eval()
     xyz = torch.randn(1, 128, 3)
-    torch.testing.assert_close(model.forward_features(torch.cat([xyz, torch.randn(1, 128, 1)], -1))[-1],
-                               official.forward_features(xyz)[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.forward_intermediates(torch.cat([xyz, torch.randn(1, 128, 1)], -1))[-1],
+                               official.forward_intermediates(xyz)[-1], atol=1e-5, rtol=1e-5)
     with pytest.raises(UserInputError, match="does not fit"):
         load_point_transformer(timm.create_model("point_mae_tiny", **{**TINY_POINTS, "embed_dim": 48}),
                                tmp_path / "pointmae.pth")

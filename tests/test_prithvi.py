@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import backbones  # noqa: F401
-from backbones.prithvi import HLS_BANDS, default_out_indices, load_pretrained, sincos_3d
+from backbones.features import default_out_indices
+from backbones.layers import sincos_3d
+from backbones.prithvi import HLS_BANDS, load_pretrained
 from workbench.errors import UserInputError
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}
@@ -49,14 +51,27 @@ def reference_sincos_3d(dim: int, grid: tuple[int, int, int]) -> np.ndarray:
     return np.concatenate([emb_w, emb_h, emb_t], axis=1)
 
 
+def test_forward_features_is_the_last_intermediate_as_tokens() -> None:
+    """timm's contract: ``forward_features`` the final normed tokens (cls first), which are the
+    last ``forward_intermediates`` map before the reshape; checkpointing changes neither."""
+    model = tiny().eval()
+    x = torch.randn(2, 6, 32, 32)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 1 + 4, 64)
+    last = model.forward_intermediates(x)[-1]
+    torch.testing.assert_close(last, tokens[:, 1:].transpose(1, 2).reshape(2, 64, 2, 2))
+    model.set_grad_checkpointing(True)
+    torch.testing.assert_close(model.forward_features(x), tokens)
+
+
 def test_shapes_2d_temporal_and_other_sizes() -> None:
     model = tiny()
-    feats = model.forward_features(torch.randn(2, 6, 32, 32))
+    feats = model.forward_intermediates(torch.randn(2, 6, 32, 32))
     assert [f.shape for f in feats] == [(2, 64, 2, 2)] * 4
     assert [i["num_chs"] for i in model.feature_info] == [64] * 4
     assert {i["reduction"] for i in model.feature_info} == {16}
     temporal = tiny("prithvi_eo_v2_100m_tl", num_frames=2)
-    assert [f.shape for f in temporal(torch.randn(1, 6, 2, 48, 64))] == [(1, 128, 3, 4)] * 4
+    assert [f.shape for f in temporal.forward_intermediates(torch.randn(1, 6, 2, 48, 64))] == [(1, 128, 3, 4)] * 4
     assert temporal.feature_info[0]["num_chs"] == 128
 
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from backbones import SatVisionSwinV2, load_satvision
+from backbones.builder import create_backbone
 from tests.conftest import fit_run, write_config
 from workbench.errors import UserInputError
 from workbench.model import build_encoder_decoder
 from workbench.strategies import SSF, LoRA, VeRA
-from workbench.tasks.base import create_backbone
 
 TINY_SWIN = {"img_size": 64, "window_size": 4, "embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (2, 2, 4, 4)}
 
@@ -48,10 +48,10 @@ def write_official_satvision(model: SatVisionSwinV2, path: Path) -> dict[str, to
 
 
 def test_satvision_features_are_hierarchical() -> None:
-    features = tiny_satvision().forward_features(torch.randn(2, 14, 64, 64))
+    features = tiny_satvision().forward_intermediates(torch.randn(2, 14, 64, 64))
     assert [tuple(f.shape) for f in features] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
     with pytest.raises(UserInputError, match="14"):
-        tiny_satvision().forward_features(torch.randn(2, 6, 64, 64))
+        tiny_satvision().forward_intermediates(torch.randn(2, 6, 64, 64))
 
 
 def test_official_satvision_checkpoint_loads_exactly(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_official_satvision_checkpoint_loads_exactly(tmp_path: Path) -> None:
     for key, value in source.model.state_dict().items():
         assert torch.equal(target.model.state_dict()[key], value), key
     image = torch.randn(1, 14, 64, 64)
-    torch.testing.assert_close(target.eval().forward_features(image)[-1], source.eval().forward_features(image)[-1])
+    torch.testing.assert_close(target.eval().forward_intermediates(image)[-1], source.eval().forward_intermediates(image)[-1])
     wrong = create_backbone("satvision_toa_tiny", None, None, {**TINY_SWIN, "embed_dim": 64})
     with pytest.raises(UserInputError, match="does not fit"):
         load_satvision(wrong, tmp_path / "satvision.pt")
@@ -95,8 +95,8 @@ def test_strategies_across_stages_of_different_widths(strategy) -> None:
     frozen_only = build_encoder_decoder(tiny_satvision(), "uper", 16, 3).eval()
     frozen_only.load_state_dict({k: v for k, v in strategy.merged(model).state_dict().items()})
     torch.testing.assert_close(frozen_only(image), model(image), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(strategy.merged(model).backbone.forward_features(image)[-1],
-                              tiny_satvision().eval().forward_features(image)[-1], atol=1e-3)
+    assert not torch.allclose(strategy.merged(model).backbone.forward_intermediates(image)[-1],
+                              tiny_satvision().eval().forward_intermediates(image)[-1], atol=1e-3)
 
 
 def test_timm_backbone_by_name_fits_through_the_cli(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_timm_backbone_by_name_fits_through_the_cli(tmp_path: Path) -> None:
     assert len(losses) == 2 and results["backbone_trainable"] == lora_count(
         create_backbone("vit_tiny_patch16_224", None, None, {"img_size": 32}), 4)
     convnext = create_backbone("convnext_atto", ["B"] * 5, None, None)
-    assert [f.shape[1] for f in convnext.forward_features(torch.randn(1, 5, 64, 64))] == [40, 80, 160, 320]
+    assert [f.shape[1] for f in convnext.forward_intermediates(torch.randn(1, 5, 64, 64))] == [40, 80, 160, 320]
 
 
 def test_smp_encoder_loads_a_unet_checkpoint_and_fits(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ import torch
 
 from backbones.patchtst import num_patches
 from datamodules.series import ForecastingDataModule, UCRDataModule, fill_gaps, read_ts
-from heads.series import PatchReconstructionHead, instance_normalize
+from backbones.layers import instance_normalize
+from heads.series import PatchReconstructionHead
 from tests.conftest import fit_run, write_task_config
 from workbench.cli import main
 from workbench.errors import UserInputError
@@ -105,15 +106,15 @@ def test_patchtst_patches_channels_independently() -> None:
     torch.manual_seed(0)
     model = timm.create_model("patchtst_tiny", **TINY_PATCHTST).eval()
     series = torch.randn(2, 3, 40)
-    (features,) = model.forward_features(series)
+    (features,) = model.forward_intermediates(series)
     assert features.shape == (2, 64, 3, num_patches(40, 8, 4))
     changed = series.clone()
     changed[:, 1] += 5.0
-    (after,) = model.forward_features(changed)
+    (after,) = model.forward_intermediates(changed)
     torch.testing.assert_close(after[:, :, [0, 2]], features[:, :, [0, 2]])  # channels never mix
     assert not torch.allclose(after[:, :, 1], features[:, :, 1])
     with pytest.raises(UserInputError, match="context_length"):
-        model.forward_features(torch.randn(1, 1, 60))
+        model.forward_intermediates(torch.randn(1, 1, 60))
 
 
 def test_reconstruction_head_and_instance_norm() -> None:

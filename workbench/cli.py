@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from workbench.config import config_parser, link_data_to_model
 from workbench.errors import UserInputError
 
 USAGE = """\
@@ -30,15 +31,6 @@ Run `workbench <command> --help` for a command's options, and
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-LINKED_DATA_ATTRIBUTES = ("num_classes", "class_names", "bands")
-
-
-def link_data_to_model(parser: Any) -> None:
-    """The model takes its classes and bands from the instantiated datamodule."""
-    for attribute in LINKED_DATA_ATTRIBUTES:
-        parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
-
-
 def _lightning_cli_class() -> type:
     import torch
     from lightning.pytorch import LightningDataModule
@@ -118,25 +110,6 @@ def run_lightning(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
-
-
-def config_parser(prog: str, description: str, sections: tuple[str, ...]) -> Any:
-    """A parser reading a fit config's ``sections`` (``data``, ``model``); other keys are ignored."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-    from lightning.pytorch import LightningDataModule
-
-    parser = ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    if "model" in sections:
-        from workbench.tasks import BaseTask
-
-        parser.add_subclass_arguments(BaseTask, "model", required=True)
-        link_data_to_model(parser)
-    for ignored in ("model", "trainer", "seed_everything", "ckpt_path", "test_after_fit"):
-        if ignored not in sections:
-            parser.add_argument(f"--{ignored}", type=Any, default=None, help="(not used by this command)")
-    return parser
 
 
 def run_stats(args: list[str]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def sample_keys(image: Tensor, extras: dict[str, Tensor]) -> list[bytes]:
 
 
 class FeatureCache:
-    """Remembers ``backbone.forward_features`` per sample, keyed by the sample's content.
+    """Remembers ``backbone.forward_intermediates`` per sample, keyed by the sample's content.
 
     Only valid for a frozen backbone in eval mode (its features are a pure function of the
     input). Without augmentation every training chip is seen in epoch 1 and every later epoch
@@ -46,7 +46,7 @@ class FeatureCache:
             return [torch.stack([c[level] for c in cached]) for level in range(len(cached[0]))]
         self.misses += len(keys)
         with torch.no_grad():
-            features = backbone.forward_features(image, **extras)
+            features = backbone.forward_intermediates(image, **extras)
         for i, key in enumerate(keys):
             if key in self.entries:
                 continue

@@ -17,7 +17,7 @@ from heads import (
     FlattenHead, PatchReconstructionHead, PixelHead, PointPropagationHead, PoolingHead, build_decoder, build_neck,
 )
 from heads.decoders import DECODERS
-from heads.series import instance_normalize
+from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.feature_cache import FeatureCache
 
@@ -61,10 +61,10 @@ class BackboneModel(nn.Module):
         return self
 
     def features(self, image: Tensor, **backbone_kwargs: Tensor) -> list[Tensor]:
-        """``backbone.forward_features``, served from the feature cache when there is one."""
+        """``backbone.forward_intermediates`` (one map per level), from the feature cache when there is one."""
         if self.feature_cache is not None:
             return self.feature_cache(self.backbone, image, **backbone_kwargs)
-        return self.backbone.forward_features(image, **backbone_kwargs)
+        return self.backbone.forward_intermediates(image, **backbone_kwargs)
 
 
 class EncoderDecoder(BackboneModel):

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from timm.models import group_parameters
 from torch import nn
 
 from workbench.errors import UserInputError
 from workbench.model import BackboneModel
-from workbench.strategies.blocks import transformer_blocks
 
 PARAMETER_GROUPS = ("backbone", "adapter", "head")
-EMBEDDING = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token|absolute_pos_embed|temporal_embed|location_embed)")
 
 
 def layer_ids(backbone: nn.Module) -> tuple[dict[int, int], int]:
-    """``({id(param): layer}, num_layers)``: embeddings are layer 0, block ``i`` is ``i + 1``,
-    everything after the blocks (final norm) is ``num_blocks + 1``."""
-    blocks = transformer_blocks(backbone)
-    ids = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
-    for name, param in backbone.named_parameters():
-        ids.setdefault(id(param), 0 if EMBEDDING.search(name) else len(blocks) + 1)
-    return ids, len(blocks) + 1
+    """``({id(param): layer}, top layer)`` from the backbone's timm ``group_matcher``, numbered as
+    timm's ``param_groups_layer_decay`` numbers a model whose head is the task layers: embeddings
+    0, block ``i`` is ``i + 1`` (the final norm with the last block), the head ``top`` (one above)."""
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise UserInputError(f"backbone {type(backbone).__name__} has no group_matcher (its layers are unknown)")
+    layer_of_name = group_parameters(backbone, matcher(coarse=False), reverse=True)
+    ids = {id(p): layer_of_name[name] for name, p in backbone.named_parameters()}
+    return ids, max(layer_of_name.values()) + 1
 
 
 def parameter_groups(

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from backbones.builder import create_backbone
 from workbench.atomic import atomic_path
 from workbench.errors import UserInputError
 from workbench.merge.checkpoints import load_task, plain_weights, write_merged_checkpoint
 from workbench.merge.weights import StateDict, check_compatible, greedy_soup, merge_task_vectors, uniform_soup
-from workbench.tasks.base import BaseTask, create_backbone
+from workbench.tasks.base import BaseTask
 
 METHODS = ("adapters", "soup", "greedy_soup", "task_arithmetic", "ties")
 
@@ -59,7 +60,7 @@ def validation_scorer(config: str, metric: str, task: BaseTask):
     """A function scoring plain model weights by ``metric`` on the config's validation split."""
     from lightning.pytorch import Trainer
 
-    from workbench.cli import config_parser
+    from workbench.config import config_parser
 
     parser = config_parser("workbench merge", "", ("data",))
     data = parser.instantiate_classes(parser.parse_args(["--config", config])).data

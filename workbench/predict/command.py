@@ -10,7 +10,7 @@ from typing import Any
 import rasterio
 import torch
 
-from workbench.cli import config_parser
+from workbench.config import config_parser
 from workbench.errors import UserInputError
 from workbench.predict.tiled import SceneSpec, TiledPredictor
 from workbench.tasks.base import BaseTask

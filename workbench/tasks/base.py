@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from backbones import TimmFeatures  # importing backbones registers them with timm
-from backbones.smp_encoders import PREFIX as SMP_PREFIX
-from backbones.smp_encoders import create_smp_encoder
+from backbones.builder import create_backbone
 from workbench.errors import UserInputError
 from workbench.optim import PARAMETER_GROUPS, parameter_groups
 from workbench.strategies import Full, Strategy, StrategyReport
@@ -34,69 +30,6 @@ def model_input(batch: dict[str, Tensor]) -> Tensor:
         if key in batch:
             return batch[key]
     raise UserInputError(f"a batch has none of {MODEL_INPUTS} (it has {sorted(batch)}): check the datamodule")
-
-
-def create_backbone(
-    name: str,
-    bands: list[str] | None = None,
-    pretrained: bool | str | None = None,
-    backbone_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """Create a registered timm backbone, optionally loading a local checkpoint.
-
-    Workbench backbones (``prithvi_*``, ``satvision_*``, ``ast_*``, ``patchtst_*``, ``point_mae_*``)
-    are built directly; any other timm model (``convnext_tiny``, ``vit_small_patch16_224``, ...)
-    is wrapped by :class:`~backbones.TimmFeatures` (its ``features_only`` feature maps), and
-    ``smp:<encoder>`` names a segmentation-models-pytorch encoder (``smp:resnet34``, ...).
-
-    Args:
-        name: timm model name, e.g. ``prithvi_eo_v2_300m_tl``.
-        bands: band names fed to the model (from the datamodule); backbones that know band names
-            adapt their patch embedding to them, others get ``in_chans=len(bands)``.
-        pretrained: local checkpoint path in the family's official layout; ``True``: the weights
-            the backbone's ``pretrained_cfg`` names (an installed package file, e.g. ukis-csmask's,
-            or a hub download when online); None / False: random init.
-        backbone_kwargs: extra constructor arguments (``num_frames``, ``img_size``, ...).
-    """
-    if name.startswith(SMP_PREFIX):
-        if pretrained is True:
-            raise UserInputError(f"model.pretrained: {name} has no packaged weights offline: give a local encoder file")
-        return create_smp_encoder(name, bands, pretrained or None, backbone_kwargs)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise UserInputError(
-            f"model.backbone: unknown backbone {name!r}. Similar registered names: {close or 'none'}."
-        )
-    kwargs = dict(backbone_kwargs or {})
-    model_cls = getattr(timm.models.model_entrypoint(name), "model_cls", None)
-    if bands:
-        if model_cls is not None and "bands" in inspect.signature(model_cls).parameters:
-            kwargs.setdefault("bands", list(bands))
-        else:
-            kwargs.setdefault("in_chans", len(bands))
-    if pretrained is True:
-        kwargs["pretrained"] = True
-    elif pretrained:
-        if not Path(pretrained).is_file():
-            raise UserInputError(
-                f"model.pretrained: checkpoint file {pretrained!r} does not exist. "
-                "Give the path of a local checkpoint (.pt or .safetensors; .onnx for csmask_unet_effb4_s2), true for "
-                "the weights the backbone's package ships, or null for random init."
-            )
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
-    try:
-        if model_cls is None:
-            weights = kwargs.pop("pretrained_cfg_overlay", {}).get("file", kwargs.pop("pretrained", False))
-            return TimmFeatures(name, pretrained=weights, **kwargs)
-        return timm.create_model(name, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument" not in str(err):
-            raise
-        valid = sorted(inspect.signature(model_cls).parameters) if model_cls else []
-        raise UserInputError(
-            f"model.backbone_kwargs for {name!r}: {err}. "
-            + (f"Valid keys: {', '.join(valid)}." if valid else "Check the key's spelling.")
-        ) from None
 
 
 class BaseTask(LightningModule):

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from heads.series import instance_normalize
+from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.model import SeriesForecaster
 from workbench.tasks.base import BaseTask

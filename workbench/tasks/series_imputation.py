@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from heads.series import instance_normalize
+from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.model import SeriesReconstructor
 from workbench.tasks.base import BaseTask
