@@ -76,8 +76,8 @@ def block_intermediates(blocks: nn.ModuleList, tokens: Tensor, indices: Sequence
 
 def vit_group_matcher(stem: str, coarse: bool = False) -> dict[str, Any]:
     """timm ``group_matcher`` of a ViT-like backbone: ``stem`` (a regex of the embedding
-    parameters) is group 0, block ``i`` group ``i + 1``, the final norm last (layer decay,
-    ``timm.models.group_parameters``)."""
+    parameters) is group 0, block ``i`` group ``i + 1``, the final norm joins the last block's
+    group (timm's ``99999`` suffix; layer decay, ``timm.models.group_parameters``)."""
     return {"stem": stem, "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
 

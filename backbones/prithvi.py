@@ -192,8 +192,8 @@ class PrithviViT(GradCheckpointing, nn.Module):
             tokens = tokens + self.location_embed_enc(location_coords.to(x.dtype))
         return tokens, grid
 
-    def _tokens(self, x: Tensor, temporal_coords: Tensor | None, location_coords: Tensor | None,
-                ) -> tuple[Tensor, tuple[int, int, int]]:
+    def _tokens(self, x: Tensor, temporal_coords: Tensor | None,
+                location_coords: Tensor | None) -> tuple[Tensor, tuple[int, int, int]]:
         """:meth:`embed` with the cls token first: ``(B, 1 + N, D)`` and the token grid."""
         tokens, grid = self.embed(x, temporal_coords, location_coords)
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1), grid
