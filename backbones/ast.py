@@ -22,7 +22,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
-from backbones.factory import load_checked, read_state_dict, register_backbone, strip_prefixes
+from backbones.factory import load_checked, register_backbone, strip_prefixes
+from workbench.checkpoints import read_state_dict
 from backbones.features import (
     GradCheckpointing, block_intermediates, checked_out_indices, default_out_indices, forward_blocks, vit_blocks,
     vit_group_matcher,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -65,16 +66,29 @@ def create_backbone(
                 "the weights the backbone's package ships, or null for random init."
             )
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
-    try:
-        if model_cls is None:
-            weights = kwargs.pop("pretrained_cfg_overlay", {}).get("file", kwargs.pop("pretrained", False))
+    if model_cls is None:  # any other timm model, as a feature extractor
+        weights = kwargs.pop("pretrained_cfg_overlay", {}).get("file", kwargs.pop("pretrained", False))
+        try:
             return TimmFeatures(name, pretrained=weights, **kwargs)
-        return timm.create_model(name, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument" not in str(err):
-            raise
-        valid = sorted(inspect.signature(model_cls).parameters) if model_cls else []
+        except TypeError as err:  # timm passes unknown keys on to the model class
+            raise UserInputError(f"model.backbone_kwargs for {name!r}: {err}. Check the keys' spelling.") from None
+    check_kwargs(name, model_cls, backbone_kwargs or {})
+    return timm.create_model(name, **kwargs)
+
+
+def check_kwargs(name: str, model_cls: type, backbone_kwargs: dict[str, Any]) -> None:
+    """Every key of ``backbone_kwargs`` must be a constructor argument of the family's class (or of
+    the base classes its ``**kwargs`` go to)."""
+    valid = set()
+    for cls in model_cls.__mro__:
+        params = inspect.signature(cls.__init__).parameters if "__init__" in vars(cls) else {}
+        valid |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()) and params:
+            break
+    for key in sorted(set(backbone_kwargs) - valid):
+        close = difflib.get_close_matches(key, valid, n=1)
         raise UserInputError(
-            f"model.backbone_kwargs for {name!r}: {err}. "
-            + (f"Valid keys: {', '.join(valid)}." if valid else "Check the key's spelling.")
-        ) from None
+            f"model.backbone_kwargs for {name!r}: unknown key {key!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f". Valid keys: {', '.join(sorted(valid))}."
+        )

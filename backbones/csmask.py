@@ -27,7 +27,8 @@ import torch
 from timm.models import generate_default_cfgs
 from torch import Tensor
 
-from backbones.factory import PretrainedDecoder, load_checked, read_state_dict, register_backbone
+from backbones.factory import PretrainedDecoder, load_checked, register_backbone
+from workbench.checkpoints import read_state_dict
 from backbones.features import adapt_input_channels
 from backbones.smp_encoders import SmpEncoder
 from workbench.atomic import atomic_path, default_cache_dir

@@ -1,5 +1,5 @@
-"""The one builder of the workbench backbone families and the one checkpoint reader: timm
-registration with ``pretrained_cfg`` metadata, reading weight files, the prefix helpers the
+"""The one builder of the workbench backbone families: timm registration with
+``pretrained_cfg`` metadata, the prefix helpers the
 families' loaders map official keys with, and checked loading with clear errors."""
 
 from __future__ import annotations
@@ -7,17 +7,16 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from backbones.features import bands_from_kwargs
+from workbench.checkpoints import read_state_dict
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -100,37 +99,6 @@ def register_backbone(model_cls: type[nn.Module], variant: str, load: Callable[[
     factory.__doc__ = doc
     factory.model_cls = model_cls
     register_model(factory)
-
-
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a local checkpoint (``.pt``/``.pth``/``.ckpt`` or ``.safetensors``), unwrapped
-    from ``state_dict`` / ``model`` / ``module`` / ``base_model`` containers.
-
-    Files are read with ``weights_only=True``; official files that also pickle Python objects
-    (DeepSpeed configs, Point-MAE metric objects) are unpickled fully, with a warning — only do
-    that with files you trust.
-    """
-    if not path.is_file():
-        raise UserInputError(f"checkpoint {path} does not exist: give the path of a local .pt or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                log.warning("%s holds Python objects besides tensors: unpickling it fully", path)
-                state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # unreadable or not a checkpoint at all
-        raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model", "module", "base_model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserInputError(f"checkpoint {path} holds no state dict of tensors")
-    return state
 
 
 def load_checked(model: nn.Module, state: dict[str, Any], path: str | Path, hint: str,

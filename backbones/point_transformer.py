@@ -21,7 +21,8 @@ import torch
 from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
-from backbones.factory import load_checked, read_state_dict, register_backbone, strip_prefixes
+from backbones.factory import load_checked, register_backbone, strip_prefixes
+from workbench.checkpoints import read_state_dict
 from backbones.features import (
     GradCheckpointing, block_intermediates, checked_out_indices, default_out_indices, vit_blocks, vit_group_matcher,
 )

@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from backbones.factory import read_state_dict
+from workbench.checkpoints import read_state_dict
 from backbones.layers import init_linear_weights, sincos_3d
 from backbones.prithvi import LocationEncoder, PrithviViT, TemporalEncoder
 

@@ -16,7 +16,8 @@ from timm.models import generate_default_cfgs
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from backbones.factory import load_checked, read_state_dict, register_backbone, select_prefix
+from backbones.factory import load_checked, register_backbone, select_prefix
+from workbench.checkpoints import read_state_dict
 from backbones.features import call_layers_as_modules, to_nchw
 from workbench.errors import UserInputError
 

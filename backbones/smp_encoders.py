@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backbones.factory import load_checked, read_state_dict, select_prefix
+from backbones.factory import load_checked, select_prefix
+from workbench.checkpoints import read_state_dict
 from workbench.errors import UserInputError
 
 PREFIX = "smp:"

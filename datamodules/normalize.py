@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,8 +17,29 @@ from torch import Tensor
 from workbench.atomic import write_json
 from workbench.errors import UserInputError
 
-if TYPE_CHECKING:
-    from datamodules.segmentation import GeoSegmentationDataModule
+
+class RawChips(Protocol):
+    """Chips read without normalisation."""
+
+    def __len__(self) -> int: ...
+
+    def read_layers(self, index: int) -> tuple[np.ndarray, float | None]:
+        """Raw selected layers ``(L, H, W)`` of chip ``index`` and the nodata value in force."""
+
+
+class StatsSource(Protocol):
+    """A datamodule whose training chips band statistics are computed from."""
+
+    @property
+    def bands(self) -> list[str] | None:
+        """Names of the selected bands (None when unknown)."""
+
+    @property
+    def num_bands(self) -> int:
+        """Selected bands per frame."""
+
+    def dataset(self, split: str, normalize: bool = True) -> RawChips:
+        """The chips of ``split``; ``normalize=False``: raw layers."""
 
 
 def valid_pixels(array: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -98,7 +119,7 @@ def compute_band_stats(chips: Iterable[tuple[np.ndarray, float | None]], num_ban
     return {"mean": mean.tolist(), "std": [s if s > 0 else 1.0 for s in std.tolist()], "pixels": count}
 
 
-def write_band_stats(datamodule: GeoSegmentationDataModule, path: str | Path, max_samples: int = 512) -> dict[str, Any]:
+def write_band_stats(datamodule: StatsSource, path: str | Path, max_samples: int = 512) -> dict[str, Any]:
     """Compute mean/std over (up to ``max_samples`` evenly spaced) training chips; write JSON atomically."""
     dataset = datamodule.dataset("train", normalize=False)
     step = max(1, math.ceil(len(dataset) / max_samples))

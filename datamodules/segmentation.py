@@ -15,6 +15,7 @@ from datamodules.bands import HLS_BANDS, SENTINEL2_BANDS, select_bands
 from datamodules.layouts import SPLITS, burn_scars_pairs, glob_pairs, sen1floods11_pairs
 from datamodules.normalize import Preprocessor, load_band_stats, write_band_stats
 from datamodules.raster import BadFiles, Chip, ChipDataset, grid_windows
+from datamodules.scenes import SceneSpec
 from datamodules.splits import SplitDataModule, seeded_fraction
 from workbench.errors import UserInputError
 
@@ -31,6 +32,7 @@ class GeoSegmentationDataModule(SplitDataModule):
     (official folder and split-file layouts). With ``chip_size``, each file is cut into a grid of
     windows read lazily with rasterio. Without split files, chips are split by seeded ratios over
     blocks of ``split_block``×``split_block`` windows, so val/test never overlap training.
+    A :class:`~datamodules.scenes.SceneSource`: ``workbench predict`` reads scenes as its chips.
     """
 
     target_band: int | None = None  # regression datamodules read continuous targets from this band
@@ -206,6 +208,13 @@ class GeoSegmentationDataModule(SplitDataModule):
         per_frame = self.layer_indices if self.layer_indices is not None else list(range(self.bands_per_frame))
         return [f * self.bands_per_frame + i for f in range(self.num_frames) for i in per_frame]
 
+    def prepare_data(self) -> None:
+        """Compute the band statistics into ``stats_file`` when it is used and not there yet (once)."""
+        uses_stats_file = self.mean is None and self.std is None and self.stats_file is not None
+        if uses_stats_file and not Path(self.stats_file).is_file():
+            log.warning("computing band statistics of the training chips once into %s", self.stats_file)
+            write_band_stats(self, self.stats_file)
+
     def preprocessor(self) -> Preprocessor:
         """The normalisation used for training and for whole-scene prediction alike."""
         if self.mean is not None or self.std is not None:
@@ -213,9 +222,6 @@ class GeoSegmentationDataModule(SplitDataModule):
             if mean is None or std is None:
                 raise UserInputError("data.mean and data.std go together: set both, or use data.stats_file")
         elif self.stats_file is not None:
-            if not Path(self.stats_file).is_file():
-                log.warning("computing band statistics of the training chips once into %s", self.stats_file)
-                write_band_stats(self, self.stats_file)
             mean, std = load_band_stats(self.stats_file, self.bands)
         else:
             raise UserInputError(
@@ -229,6 +235,18 @@ class GeoSegmentationDataModule(SplitDataModule):
                     + (f" ({self.bands})" if self.bands else "")
                 )
         return Preprocessor(mean, std, self.num_frames)
+
+    def scene_spec(self) -> SceneSpec:
+        """How predict reads a scene: :attr:`layers`, the files' band count, the training chips'
+        dtype (from the first training file's header) and the RGB positions for quicklooks."""
+        dtype = None
+        chips = self.split_chips.get("train") or []
+        if chips and chips[0].image.is_file():
+            with rasterio.open(chips[0].image) as src:
+                dtype = src.dtypes[0]
+        names = self.bands or []
+        rgb = [names.index(b) for b in ("RED", "GREEN", "BLUE")] if {"RED", "GREEN", "BLUE"} <= set(names) else None
+        return SceneSpec(self.layers, len(self.file_bands) if self.file_bands else None, dtype, rgb)
 
     # --- datasets and loaders ----------------------------------------------------------------
 

@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.registry import registry_folder
-from datamodules.samples import default_cache_dir
 from datamodules.splits import SplitDataModule, seeded_fraction
+from workbench.atomic import default_cache_dir
 from workbench.errors import UserInputError
 
 AEON = "aeon==1.6.0"
@@ -136,9 +136,10 @@ def stratified_holdout(classes: list[str] | None, count: int, fraction: float, s
 class UCRDataModule(SplitDataModule):
     """UCR/UEA problems: TRAIN split into train and val (seeded, stratified), TEST as test.
 
-    ``num_classes``/``class_names`` come from the file header (regression problems: one output,
-    ``target_stats()`` gives the training mean/std). Channels are standardized with the training
-    mean/std per channel (``normalize``).
+    ``num_classes``/``class_names``/``bands`` come from the TRAIN file, read (and for embedded
+    problems fetched) on first use (regression problems: one output, ``target_stats()`` gives the
+    training mean/std). Channels are standardized with the training mean/std per channel
+    (``normalize``).
     """
 
     def __init__(
@@ -170,12 +171,28 @@ class UCRDataModule(SplitDataModule):
         self.name, self.root = name, root
         self.val_fraction, self.normalize = val_fraction, normalize
         self.parsed: dict[str, LabelledSeries] = {}
-        train = self.read("TRAIN")
-        self.class_names = train.class_names or []
-        self.num_classes = len(self.class_names) or 1
-        self.bands = [f"dim_{i}" for i in range(train.values.shape[1])]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names of the TRAIN header; none for regression problems."""
+        return self.read("TRAIN").class_names or []
+
+    @property
+    def num_classes(self) -> int:
+        """Classes, or 1 output for regression problems."""
+        return len(self.class_names) or 1
+
+    @property
+    def bands(self) -> list[str]:
+        """One name per channel: ``dim_0``, ``dim_1``, ..."""
+        return [f"dim_{i}" for i in range(self.read("TRAIN").values.shape[1])]
+
+    def prepare_data(self) -> None:
+        """Fetch an embedded problem from the registry (once; a no-op with ``root``)."""
+        self.folder()
 
     def folder(self) -> Path:
+        """The problem's folder; an embedded problem is fetched when not cached yet."""
         if self.root is not None:
             return Path(self.root) / self.name
         return registry_folder(AEON, f"{AEON_DATA}/{self.name}", default_cache_dir())
@@ -290,28 +307,61 @@ class ForecastingDataModule(SplitDataModule):
             stride: steps between consecutive windows.
             split_ratios: train / val / test shares of the time steps.
             batch_size, num_workers, train_fraction, seed: as every datamodule.
+
+        The table is read (and an embedded one fetched) on first use of ``bands``, ``table`` or
+        ``ends``.
         """
         super().__init__(batch_size, num_workers, False, train_fraction, seed)
         if path is None and name not in EMBEDDED_TABLES:
             raise UserInputError(f"data.name {name!r} is not shipped in aeon; choose from {EMBEDDED_TABLES} or set data.path")
-        file = Path(path) if path else registry_folder(AEON, f"{AEON_DATA}/{name}", default_cache_dir()) / f"{name}.csv"
-        values, self.bands = read_table(file, columns)
-        self.table = torch.from_numpy(values)
+        self.path, self.name, self.columns = path, name, columns
         self.context_length, self.horizon, self.stride = context_length, horizon, stride
         self.split_ratios = split_ratios
         self.num_classes, self.class_names = 1, []
+
+    def file(self) -> Path:
+        """The table file; an embedded one is fetched when not cached yet."""
+        if self.path is not None:
+            return Path(self.path)
+        return registry_folder(AEON, f"{AEON_DATA}/{self.name}", default_cache_dir()) / f"{self.name}.csv"
+
+    def prepare_data(self) -> None:
+        """Fetch an embedded table from the registry (once; a no-op with ``path``)."""
+        self.file()
+
+    @cached_property
+    def channels(self) -> tuple[Tensor, list[str]]:
+        """The ``(M, T)`` float32 table and its channel names, read once."""
+        values, names = read_table(self.file(), self.columns)
+        return torch.from_numpy(values), names
+
+    @property
+    def table(self) -> Tensor:
+        """``(M, T)`` float32: one row per channel, one column per time step."""
+        return self.channels[0]
+
+    @property
+    def bands(self) -> list[str]:
+        """The channel (column) names."""
+        return self.channels[1]
+
+    @cached_property
+    def ends(self) -> dict[str, list[int]]:
+        """Per split, the time steps where its windows' contexts end (their forecasts start)."""
         steps = self.table.shape[1]
-        bounds = np.cumsum([0, *split_ratios]) * steps
-        self.ends = {
-            split: list(range(max(context_length, int(lo)), int(hi) - horizon + 1, stride))
+        bounds = np.cumsum([0, *self.split_ratios]) * steps
+        ends = {
+            split: list(range(max(self.context_length, int(lo)), int(hi) - self.horizon + 1, self.stride))
             for split, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:])
         }
-        empty = [s for s, e in self.ends.items() if not e]
+        empty = [s for s, e in ends.items() if not e]
         if empty:
             raise UserInputError(
-                f"{file}: {steps} time steps leave no {'/'.join(empty)} window of context {context_length} + "
-                f"horizon {horizon} with split_ratios {list(split_ratios)}: shorten them"
+                f"{self.file()}: {steps} time steps leave no {'/'.join(empty)} window of context "
+                f"{self.context_length} + horizon {self.horizon} with split_ratios {list(self.split_ratios)}: "
+                "shorten them"
             )
+        return ends
 
     def dataset(self, split: str) -> WindowDataset:
         ends = self.ends[split]

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from workbench.errors import UserInputError
 
@@ -27,24 +27,28 @@ def seeded_fraction(items: Sequence[T], fraction: float, seed: int) -> list[T]:
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), count))]
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """Indices ``0 .. size-1`` in an order seeded by ``(seed, epoch)``, so any epoch's order can
-    be replayed; ``skip`` drops the first indices of the next pass only (resuming mid-epoch)."""
+    be replayed; ``skip`` drops this rank's first indices of the next pass only (resuming mid-epoch).
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, skip: int = 0) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, epoch, skip
+    Under data parallelism each of ``num_replicas`` ranks takes every ``num_replicas``-th index of
+    that one order (padded to a multiple of the ranks, as :class:`DistributedSampler` pads), so the
+    ranks' batches of one step together are the batch one process would draw: a run on two
+    processes with half the batch size trains on the same global batches. Being a
+    ``DistributedSampler``, it is not wrapped and re-shuffled by Lightning.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, size: int, seed: int, epoch: int = 0, skip: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.size, self.epoch, self.skip = size, epoch, skip
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[: self.total_size - self.size]
+        mine = order[self.rank :: self.num_replicas]
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return iter(mine[skip:])
 
 
 class SplitDataModule(LightningDataModule):
@@ -67,7 +71,13 @@ class SplitDataModule(LightningDataModule):
         """The dataset of ``split`` (``train``, ``val`` or ``test``)."""
         raise NotImplementedError
 
+    def prepare_data(self) -> None:
+        """Fetch or build files the datamodule needs (once per node; a no-op once they exist)."""
+
     def setup(self, stage: str | None = None) -> None:
+        """Read the splits of ``stage`` (per process); :meth:`prepare_data` first, so ``setup``
+        alone works too (Lightning has run it already: then the files are there)."""
+        self.prepare_data()
         self.datasets = {s: self.dataset(s) for s in STAGE_SPLITS.get(stage or "fit", SPLITS)}
 
     def resume_position(self, batches_per_epoch: int) -> tuple[int, int]:
@@ -86,12 +96,14 @@ class SplitDataModule(LightningDataModule):
         ``train_fraction`` subset ``data.seed``: runs with other seeds see the same chips."""
         dataset = self.datasets[split]
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))  # set by seed_everything
-        drop_last = shuffle and len(dataset) > self.batch_size
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        per_rank = -(-len(dataset) // world) if shuffle else len(dataset)
+        drop_last = shuffle and per_rank > self.batch_size
         sampler = None
         if shuffle:
-            batches = len(dataset) // self.batch_size if drop_last else -(-len(dataset) // self.batch_size)
+            batches = per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size)
             epoch, done = self.resume_position(batches)
-            sampler = EpochShuffleSampler(len(dataset), seed, epoch, done * self.batch_size)
+            sampler = EpochShuffleSampler(len(dataset), seed, epoch, done * self.batch_size, world, rank)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

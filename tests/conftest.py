@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import torch
 import yaml
 from rasterio.transform import from_origin
+from torch.utils.data import default_collate
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from workbench.merge.checkpoints import load_task
 
 
 def write_geotiff(
@@ -112,7 +118,7 @@ def write_config(tmp_path: Path, **changes: dict) -> Path:
             "init_args": {
                 "backbone": "prithvi_eo_v2_tiny_tl",
                 "backbone_kwargs": dict(TINY_BACKBONE),
-                "decoder": "fcn",
+                "decoder": "unet",  # all four levels: fcn reads only the stride-32 map (1x1 on a 32 px chip)
                 "decoder_channels": 16,
                 "strategy": {
                     "class_path": "workbench.strategies.LoRA",
@@ -144,6 +150,34 @@ def write_config(tmp_path: Path, **changes: dict) -> Path:
     return path
 
 
+def write_classification_config(tmp_path: Path, multi_label: bool = False, **changes: dict) -> Path:
+    """:func:`write_config` turned into scene classification: a chip is ``water`` when over half
+    its mask is water, else ``land`` (multi-label: plus ``any`` on every chip); ``changes``
+    update the model/data init_args and the trainer afterwards."""
+    path = write_config(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    chips = Path(config["data"]["init_args"]["root"])
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as f:
+        for mask_file in sorted((chips / "masks").glob("*.tif")):
+            with rasterio.open(mask_file) as src:
+                water = src.read(1).mean() > 0.5
+            csv.writer(f).writerow([mask_file.name, ("water" if water else "land") + (";any" if multi_label else "")])
+    classes = ["land", "water", "any"] if multi_label else ["land", "water"]
+    config["trainer"]["callbacks"][0]["init_args"] = {"monitor": "val/F1", "mode": "max"}
+    model, data = config["model"], config["data"]
+    model["class_path"] = "workbench.tasks.ClassificationTask"
+    model["init_args"] = {k: v for k, v in model["init_args"].items() if k not in ("decoder", "decoder_channels")} | {
+        "multi_label": multi_label, **changes.get("model", {})}
+    data["class_path"] = "datamodules.GeoClassificationDataModule"
+    data["init_args"] = {k: v for k, v in data["init_args"].items() if k != "masks"} | {
+        "labels": str(labels), "multi_label": multi_label, "num_classes": len(classes), "class_names": classes,
+        **changes.get("data", {})}
+    config["trainer"].update(changes.get("trainer", {}))
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def fit_run(config: Path, *args: str) -> tuple[list[float], dict]:
     """``workbench fit --config config *args`` (must succeed) → per-epoch training losses and
     ``results.json`` ({} without one) of the run it wrote (the config's newest ``version_N``)."""
@@ -156,3 +190,42 @@ def fit_run(config: Path, *args: str) -> tuple[list[float], dict]:
         losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
     results = run / "results.json"
     return losses, json.loads(results.read_text()) if results.is_file() else {}
+
+
+def split_samples(config: Path, split: str = "test") -> list[dict[str, torch.Tensor]]:
+    """The samples of ``split`` as the config's datamodule serves them (same files, split and
+    normalisation; augmentation is training-only), for baselines computed in the tests."""
+    data = yaml.safe_load(config.read_text())["data"]
+    module, name = data["class_path"].rsplit(".", 1)
+    dataset = getattr(importlib.import_module(module), name)(**data["init_args"]).dataset(split)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def direct_outputs(checkpoint: str | Path, config: Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs, targets)`` of a checkpoint's model on the config's ``split``, computed here
+    outside Lightning, to score as a reference for the numbers a run reports: the task rebuilt
+    from the checkpoint alone, all samples in one batch; outputs are logits against ``mask`` or
+    ``label``, or values in target units against the labelled (finite) pixels of ``target``."""
+    task = load_task(checkpoint).eval()
+    batch = default_collate(split_samples(config, split))
+    with torch.no_grad():
+        out = task.forward_batch(batch)
+    if "target" in batch:
+        labelled = batch["target"].isfinite()
+        return task.in_target_units(out[:, 0])[labelled], batch["target"][labelled]
+    return out, batch["mask"] if "mask" in batch else batch["label"]
+
+
+def reference_miou(checkpoint: str | Path, config: Path, num_classes: int = 2) -> float:
+    """Test mIoU of a segmentation checkpoint, computed by :func:`direct_outputs`."""
+    logits, masks = direct_outputs(checkpoint, config)
+    return MulticlassJaccardIndex(num_classes, ignore_index=255)(logits.argmax(1), masks).item()
+
+
+def majority_class_miou(config: Path) -> float:
+    """Test mIoU of the best constant prediction (every pixel one class) on the config's test split:
+    what a model that learnt nothing from the bands scores at most."""
+    init = yaml.safe_load(config.read_text())["data"]["init_args"]
+    masks = torch.stack([s["mask"] for s in split_samples(config)])
+    metric = MulticlassJaccardIndex(init["num_classes"], ignore_index=init.get("ignore_index", 255))
+    return max(metric(torch.full_like(masks, c), masks).item() for c in range(init["num_classes"]))

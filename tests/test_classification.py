@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
-import rasterio
 import torch
 import yaml
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
 from datamodules.classification import read_label_table
 from datamodules.samples import coast_class
-from tests.conftest import fit_run, write_config
+from tests.conftest import direct_outputs, fit_run, write_classification_config
 from workbench.cli import main
 from workbench.errors import UserInputError
 
@@ -40,31 +39,14 @@ def test_coast_class_rule() -> None:
 
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_classification_fit_learns(tmp_path: Path, multi_label: bool) -> None:
-    path = write_config(tmp_path, trainer={"max_epochs": 6})
-    config = yaml.safe_load(path.read_text())
-    chips = Path(config["data"]["init_args"]["root"])
-    rows = []
-    for mask_file in sorted((chips / "masks").glob("*.tif")):  # label: does the chip's mask have >50 % water?
-        with rasterio.open(mask_file) as src:
-            water = src.read(1).mean() > 0.5
-        names = ("water" if water else "land") + (";any" if multi_label else "")
-        rows.append([mask_file.name, names])
-    labels = tmp_path / "labels.csv"
-    with labels.open("w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    classes = ["land", "water", "any"] if multi_label else ["land", "water"]
-    config["trainer"]["callbacks"][0]["init_args"] = {"monitor": "val/F1", "mode": "max"}
-    config["model"]["class_path"] = "workbench.tasks.ClassificationTask"
-    config["model"]["init_args"] = {k: v for k, v in config["model"]["init_args"].items()
-                                    if k not in ("decoder", "decoder_channels")} | {"multi_label": multi_label}
-    data = config["data"]
-    data["class_path"] = "datamodules.GeoClassificationDataModule"
-    data["init_args"] = {k: v for k, v in data["init_args"].items() if k != "masks"} | {
-        "labels": str(labels), "multi_label": multi_label, "num_classes": len(classes), "class_names": classes}
-    path.write_text(yaml.safe_dump(config))
+    path = write_classification_config(tmp_path, multi_label)  # label: has the chip's mask > 50 % water?
+    chips = Path(yaml.safe_load(path.read_text())["data"]["init_args"]["root"])
     losses, results = fit_run(path)
     assert losses[-1] < losses[0]
-    assert 0.0 <= results["test"]["test/accuracy"] <= 1.0
+    logits, labels = direct_outputs(results["best_checkpoint"], path)  # the checkpoint run here
+    accuracy = MultilabelAccuracy(3)(logits, labels) if multi_label else MulticlassAccuracy(2, average="micro")(
+        logits.argmax(1), labels)
+    assert results["test"]["test/accuracy"] == pytest.approx(accuracy.item(), abs=1e-6)
     assert ("test/mAP" in results["test"]) == multi_label
     assert "lora" in results["strategy"]
     if not multi_label:  # scene-level models have no per-pixel map to write

@@ -12,7 +12,7 @@ import pytest
 import rasterio
 import yaml
 
-from tests.conftest import TINY_BACKBONE, write_config
+from tests.conftest import TINY_BACKBONE, majority_class_miou, write_config
 from workbench.cli import main
 
 
@@ -40,7 +40,7 @@ def test_fit_lowers_loss_tests_and_exports(tmp_path: Path) -> None:
     assert len(losses) == 6
     assert losses[-1] < losses[0]
     results = yaml.safe_load((run_dir / "results.json").read_text())
-    assert 0.0 <= results["test"]["test/mIoU"] <= 1.0
+    assert results["test"]["test/mIoU"] > majority_class_miou(config)  # learnt the bands, not the class prior
     assert "lora" in results["strategy"]
     assert (run_dir / "export" / "adapter.safetensors").is_file()
     assert (run_dir / "export" / "merged.safetensors").is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_config
+from tests.conftest import reference_miou, write_config
 from workbench.cli import main
 from workbench.compare.arms import build_arms, parse_strategy
 from workbench.compare.report import seed_summary, table_row
@@ -36,7 +36,8 @@ def test_compare_writes_table_and_plots_and_resumes(tmp_path: Path, capsys: pyte
     assert int(frozen["backbone_trainable"]) == 0 < int(bitfit["backbone_trainable"])
     assert int(bitfit["trainable"]) > int(frozen["trainable"]) and frozen["total"] == bitfit["total"]
     for row in rows:
-        assert 0.0 <= float(row["test"]) <= 1.0 and float(row["step_time_s"]) > 0
+        assert float(row["test"]) == pytest.approx(reference_miou(row["checkpoint"], config), abs=5e-5)  # 4 decimals
+        assert float(row["step_time_s"]) > 0
         assert float(row["peak_memory_mib"]) > 0 and Path(row["checkpoint"]).is_file()
     assert "| frozen | 0.5 |" in (out / "results.md").read_text()
     for plot in ("metric_vs_params.png", "metric_vs_fraction.png"):

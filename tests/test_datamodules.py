@@ -11,12 +11,24 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from datamodules import GeoSegmentationDataModule
-from datamodules.bands import SENTINEL2_BANDS
+import datamodules.audio
+import datamodules.points
+import datamodules.series
+from datamodules import (
+    AnimalSoundsDataModule,
+    ClassifiedLasDataModule,
+    ForecastingDataModule,
+    GeoSegmentationDataModule,
+    PointSegmentationDataModule,
+    UCRDataModule,
+)
+from datamodules.bands import HLS_BANDS, SENTINEL2_BANDS
 from datamodules.normalize import write_band_stats
 from datamodules.samples import build_sentinel2_water
+from datamodules.scenes import SceneSource, SceneSpec
 from tests.conftest import make_segmentation_chips, write_geotiff
 from workbench.errors import UserInputError
+from workbench.predict.command import scene_source
 
 
 def layered(bands: int, size: int = 16, dtype: str = "float32") -> np.ndarray:
@@ -149,8 +161,11 @@ def test_band_stats_file_round_trip(tmp_path: Path) -> None:
         dm4.preprocessor()
     cached = tmp_path / "cache" / "stats.json"  # a stats_file that does not exist yet: computed once, then read
     dm5 = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"], stats_file=str(cached))
+    assert not cached.exists()  # nothing written by __init__
+    dm5.prepare_data()
     assert dm5.preprocessor().mean == stats["mean"] and cached.is_file()
     cached.write_text(json.dumps({**stats, "mean": [7.0] * 6}))
+    dm5.setup("fit")
     assert dm5.preprocessor().mean == [7.0] * 6  # reused, not recomputed
 
 
@@ -196,3 +211,42 @@ def test_embedded_builder_on_synthetic_bands(tmp_path: Path) -> None:
         assert np.array_equal(mask.read(1), ((green - nir) / (green + nir) > 0).astype(np.uint8))
     assert len(json.loads(paths["stats"].read_text())["mean"]) == 6
     assert not list((tmp_path / "out").glob("*tmp*"))
+
+
+def test_init_reads_and_fetches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """I/O waits for prepare_data/setup (or the first use of a linked attribute that needs files);
+    the embedded sets know their classes without fetching anything."""
+    fetched = []
+    for module in (datamodules.series, datamodules.points, datamodules.audio):
+        monkeypatch.setattr(module, "registry_folder", lambda *args, **kwargs: fetched.append(args[0]))
+    UCRDataModule("GunPoint")
+    ForecastingDataModule(name="Airline")
+    las = ClassifiedLasDataModule(features=["intensity"])
+    animals = AnimalSoundsDataModule(cache_dir=str(tmp_path / "cache"))
+    assert fetched == [] and not (tmp_path / "cache").exists()
+    assert las.class_names == [datamodules.points.ASPRS_CLASSES[c] for c in datamodules.points.LASPY_SAMPLE_CODES]
+    assert las.num_classes == 6 and animals.num_classes == 10 and animals.class_names == sorted(animals.class_names)
+    assert fetched == []
+    las.prepare_data()
+    assert fetched == ["laspy==2.7.0"]
+    missing = tmp_path / "missing"
+    points = PointSegmentationDataModule(str(missing), classes=[2, 6])  # classes given: no file read
+    assert points.num_classes == 2 and points.class_names == ["ground", "building"]
+    with pytest.raises(UserInputError, match="no \\*.las files"):
+        points.tiles
+    with pytest.raises(UserInputError, match="does not exist"):
+        UCRDataModule("Tiny", root=str(missing)).num_classes  # constructed fine; the files are read on use
+    with pytest.raises(UserInputError, match="does not exist"):
+        ForecastingDataModule(str(missing / "table.csv")).bands
+
+
+def test_raster_datamodules_are_scene_sources(tmp_path: Path) -> None:
+    chips = make_segmentation_chips(tmp_path, n=4, size=16)
+    dm = glob_module(chips, file_bands=list(HLS_BANDS), bands=["RED", "GREEN", "BLUE", "NIR_NARROW"], mean=[0.0] * 4,
+                     std=[1.0] * 4, num_frames=1)
+    assert isinstance(dm, SceneSource) and scene_source(dm) is dm
+    assert dm.scene_spec() == SceneSpec(layers=[2, 1, 0, 3], bands_per_file=6, dtype="float32", rgb=[0, 1, 2])
+    series = UCRDataModule("Tiny", root=str(tmp_path))
+    assert not isinstance(series, SceneSource)
+    with pytest.raises(UserInputError, match="UCRDataModule does not read raster scenes"):
+        scene_source(series)

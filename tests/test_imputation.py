@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.utils.data import default_collate
+from torchmetrics.image import PeakSignalNoiseRatio
 
-from tests.conftest import TINY_BACKBONE, fit_run, write_config
+from tests.conftest import TINY_BACKBONE, fit_run, split_samples, write_config
+from workbench.merge.checkpoints import load_task
 from workbench.tasks import ImputationTask
 from workbench.tasks.gaps import hidden_tokens, sample_blob_gaps, sample_patch_gaps
 from workbench.tasks.imputation import visible_mean
@@ -53,7 +56,11 @@ def test_loss_uses_scored_gap_pixels_only() -> None:
     assert {"val/PSNR", "val/SSIM", "val/MAE_0"} <= set(values)
 
 
-def test_imputation_cli_fit_lowers_loss(tmp_path: Path) -> None:
+def test_imputation_cli_fit_scores_the_seeded_gaps(tmp_path: Path) -> None:
+    """The reported test PSNR is the checkpoint's on the seeded gaps, recomputed here (gaps and the
+    extra hidden tokens both seeded: it differed while the latter came from the global RNG). On
+    these 17 tiny chips the model does not beat filling with the visible mean (nor does it on the
+    real scene, see README), so no learning is asserted here."""
     path = write_config(tmp_path, trainer={"max_epochs": 6})
     config = yaml.safe_load(path.read_text())
     config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:2]
@@ -64,8 +71,21 @@ def test_imputation_cli_fit_lowers_loss(tmp_path: Path) -> None:
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}}}
     path.write_text(yaml.safe_dump(config))
     losses, results = fit_run(path)
-    assert sum(losses[-2:]) < sum(losses[:2])  # gaps are random per step: compare two-epoch means
-    assert results["test"]["test/PSNR"] > 0
+    assert len(losses) == 6
+    task = load_task(results["best_checkpoint"]).eval()  # the checkpoint run here on the same seeded gaps
+    model_psnr, mean_fill_psnr = PeakSignalNoiseRatio(data_range=8.0), PeakSignalNoiseRatio(data_range=8.0)
+    samples = split_samples(path)
+    for task.batch_idx, start in enumerate(range(0, len(samples), 4)):  # the test loader's batches
+        batch = default_collate(samples[start:start + 4])
+        with torch.no_grad():
+            image, filled, gaps, scored = task.impute(batch, "test")
+        seen = ~gaps & batch["valid"].unsqueeze(1) if "valid" in batch else ~gaps
+        mean_filled = torch.where(gaps.unsqueeze(1), visible_mean(image, seen), image)
+        scored = scored.unsqueeze(1).expand_as(image)
+        model_psnr.update(filled[scored], image[scored])
+        mean_fill_psnr.update(mean_filled[scored], image[scored])
+    assert results["test"]["test/PSNR"] == pytest.approx(model_psnr.compute().item(), rel=1e-4)
+    assert results["test"]["test/PSNR"] != pytest.approx(mean_fill_psnr.compute().item(), abs=1e-3)  # not the mean fill
 
 
 def test_visible_mean_per_band_and_frame() -> None:
@@ -82,14 +102,17 @@ def test_visible_mean_per_band_and_frame() -> None:
 
 @pytest.mark.parametrize("gaps", ["blobs", "patches"])
 def test_evaluation_gaps_are_seeded_training_gaps_are_not(gaps: str) -> None:
-    """Validation and test score the same gaps every epoch (seeded by batch index), so the
-    checkpoint-selecting metric compares models, not gap draws; training draws new ones."""
-    task = tiny_task(gaps=gaps)
-    image = torch.randn(2, 6, 2, 32, 32)
+    """Validation and test score the same gaps every epoch (seeded by batch index), and hide the
+    same extra tokens where samples have unequal gaps, so the checkpoint-selecting metric compares
+    models, not draws; training draws new gaps."""
+    task = tiny_task(gaps=gaps).eval()
+    batch = {"image": torch.randn(2, 6, 2, 32, 32)}
     task.batch_idx = 3
-    first, again = (task.gap_mask({}, image, "val") for _ in range(2))
-    assert torch.equal(first, again) and first.any()
-    task.batch_idx = 4
-    assert not torch.equal(task.gap_mask({}, image, "val"), first)
-    draws = [task.gap_mask({}, image, "train") for _ in range(3)]
+    with torch.no_grad():
+        (_, first, first_gaps, _), (_, again, again_gaps, _) = (task.impute(batch, "val") for _ in range(2))
+        assert torch.equal(first_gaps, again_gaps) and first_gaps.any()
+        assert torch.equal(first, again)  # the same fill: the same visible tokens too
+        task.batch_idx = 4
+        assert not torch.equal(task.impute(batch, "val")[2], first_gaps)
+        draws = [task.impute(batch, "train")[2] for _ in range(3)]
     assert not all(torch.equal(d, draws[0]) for d in draws[1:])

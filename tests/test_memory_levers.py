@@ -10,7 +10,7 @@ import timm
 import torch
 from timm.layers import Attention
 
-from tests.conftest import fit_run, write_config
+from tests.conftest import fit_run, reference_miou, write_config
 from tests.test_modalities import TINY
 
 
@@ -44,12 +44,14 @@ def test_attention_is_fused(name: str) -> None:
 def test_bf16_checkpointing_and_accumulation_fit_from_the_cli(tmp_path: Path) -> None:
     config = write_config(tmp_path, model={"activation_checkpointing": True}, trainer={"max_epochs": 4})
     losses, results = fit_run(config, "--trainer.precision", "bf16-mixed", "--trainer.accumulate_grad_batches", "2")
-    assert losses[-1] < losses[0] and 0.0 <= results["test"]["test/mIoU"] <= 1.0
+    assert losses[-1] < losses[0]  # the bf16 test mIoU is that of the checkpoint, run here in float32:
+    assert results["test"]["test/mIoU"] == pytest.approx(reference_miou(results["best_checkpoint"], config), abs=0.02)
 
 
 @pytest.mark.timeout(400)
 def test_compiled_fit_from_the_cli(tmp_path: Path) -> None:
     config = write_config(tmp_path, model={"compile_model": True}, trainer={"max_epochs": 2})
     losses, results = fit_run(config)
-    assert len(losses) == 2 and 0.0 <= results["test"]["test/mIoU"] <= 1.0
+    assert len(losses) == 2  # the compiled model scores as the checkpoint run here uncompiled
+    assert results["test"]["test/mIoU"] == pytest.approx(reference_miou(results["best_checkpoint"], config), abs=1e-4)
     assert (Path(results["best_checkpoint"]).parent.parent / "export" / "merged.safetensors").is_file()

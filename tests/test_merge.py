@@ -70,14 +70,17 @@ def test_merge_cli_adapters_soup_and_ties(tmp_path: Path) -> None:
     ssf = fit(tmp_path, "ssf", SSF, str(base_file))
     image = torch.randn(2, 6, 32, 32)
 
-    # adapters folded: a .ckpt that loads like any other and predicts the same
+    # adapters folded: a .ckpt that loads like any other and predicts what the unmerged model does
     for ckpt in (lora, ssf):
         merged = tmp_path / f"{ckpt.parents[4].name}_merged.ckpt"
         assert main(["merge", "adapters", "--checkpoints", str(ckpt), "--output", str(merged)]) == 0
-        reloaded = load_task(merged)
+        reloaded, unmerged = load_task(merged), load_task(ckpt)
+        assert any("lora_" in k or "ssf_" in k for k in unmerged.state_dict())
         assert not any("lora_" in k or "ssf_" in k for k in reloaded.state_dict())
-        torch.testing.assert_close(predictions(reloaded, image), predictions(load_task(ckpt), image),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(predictions(reloaded, image), predictions(unmerged, image), atol=1e-4, rtol=1e-4)
+        if ckpt == lora:  # the trained adapters matter: without them the predictions differ
+            with unmerged.model.backbone.peft_model.disable_adapter():
+                assert not torch.allclose(predictions(unmerged, image), predictions(reloaded, image), atol=1e-3)
 
     # a soup of the same checkpoint twice is that checkpoint
     soup = tmp_path / "soup.ckpt"

@@ -207,7 +207,7 @@ def test_cached_frozen_fit_matches_uncached(tmp_path: Path, capsys: pytest.Captu
     results = []
     for cache in (False, True):
         strategy = {"class_path": "workbench.strategies.Frozen", "init_args": {"cache_features": cache}}
-        config = write_config(tmp_path / str(cache), model={"strategy": strategy}, data={"augment": False},
+        config = write_config(tmp_path / str(cache), model={"strategy": strategy, "decoder": "fcn"}, data={"augment": False},
                               trainer={"max_epochs": 3})
         capsys.readouterr()
         assert main(["fit", "--config", str(config)]) == 0
@@ -235,15 +235,77 @@ def test_eva_fit_initialises_from_training_batches(tmp_path: Path, capsys: pytes
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_BACKBONE_TRAINABLE))
 def test_checkpointing_keeps_every_strategys_gradients(name: str) -> None:
-    """Activation checkpointing recomputes blocks (and their hooks) in backward: every strategy's
-    trainable parameters must get the same gradients with and without it."""
-    x = torch.randn(2, 6, 32, 32)
+    """Activation checkpointing recomputes blocks in backward, after every forward of the step:
+    every strategy's trainable parameters must get the same gradients with and without it, also
+    when two forwards run before one backward."""
+    x, y = torch.randn(2, 6, 32, 32), torch.randn(2, 6, 32, 32)
     grads = []
     for enable in (False, True):
         model = tiny(make_strategy(name)).eval()  # same seed: same weights and adapters
         model.backbone.set_grad_checkpointing(enable)
-        model(x).square().mean().backward()
+        (model(x).square().mean() + model(y).abs().mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-5)
+
+
+def prompted_features(backbone: nn.Module, prompts: torch.Tensor, deep: bool, image: torch.Tensor) -> torch.Tensor:
+    """Reference VPT on a plain backbone: ``prompts`` ``(blocks or 1, P, D)`` enter before every
+    block (deep) or the first one (shallow, then kept in the sequence up to the last block)."""
+    blocks, count = backbone.blocks, prompts.shape[1]
+
+    def prepend(index: int):
+        return lambda _, args: (torch.cat([prompts[index].expand(len(args[0]), -1, -1), args[0]], 1), *args[1:])
+
+    def strip(_: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output[:, count:]
+
+    inserted = range(len(blocks)) if deep else [0]
+    stripped = range(len(blocks)) if deep else [len(blocks) - 1]
+    handles = [blocks[i].register_forward_pre_hook(prepend(i)) for i in inserted]
+    handles += [blocks[i].register_forward_hook(strip) for i in stripped]
+    try:
+        return backbone.forward_features(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("deep", [True, False])
+def test_vpt_loads_checkpoints_of_the_single_tensor_layout(deep: bool) -> None:
+    plain = tiny().eval()
+    tokens = torch.randn(DEPTH if deep else 1, 3, D, generator=torch.Generator().manual_seed(1))
+    old = {**plain.state_dict(), "backbone.prompt_tokens.tokens": tokens}  # blocks.<i>.* and one prompt tensor
+    model = tiny(VPT(num_tokens=3, deep=deep)).eval()
+    model.load_state_dict(old, strict=True)
+    image = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        expected = prompted_features(plain.backbone, tokens, deep, image)
+        torch.testing.assert_close(model.backbone.forward_features(image), expected)
+        assert not torch.allclose(plain.backbone.forward_features(image), expected)
+
+
+def test_vera_loads_checkpoints_of_the_wrapped_layout() -> None:
+    trained = tiny(VeRA(rank=16))
+    train(trained)
+    trained.eval()
+    qkv = trained.backbone.blocks[0].attn.qkv
+    old = {("backbone.model." + k.removeprefix("backbone.") if k.startswith("backbone.") else k): v
+           for k, v in trained.state_dict().items()}  # the backbone was peft's VeraModel: keys under `model.`
+    old |= {"backbone.vera_A.default": qkv.vera_A["default"], "backbone.vera_B.default": qkv.vera_B["default"]}
+    assert "backbone.model.blocks.0.attn.qkv.vera_lambda_b.default" in old
+    model = tiny(VeRA(rank=16)).eval()
+    image = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model(image), trained(image))
+        model.load_state_dict(old, strict=True)
+        torch.testing.assert_close(model(image), trained(image))
+
+
+def test_peft_keeps_the_backbone_keys_and_its_peft_model_outside_them() -> None:
+    model = tiny(LoRA(rank=4))
+    keys = set(model.state_dict())
+    assert "backbone.blocks.0.attn.qkv.lora_A.default.weight" in keys
+    assert not any(".model." in k or "base_model" in k for k in keys)
+    assert model.backbone.peft_model.get_base_model() is model.backbone

@@ -21,6 +21,7 @@ from workbench.cli import main
 from workbench.errors import UserInputError
 from workbench.predict import SceneSpec, TiledPredictor, WindowPlan, blend_weights
 from workbench.tasks import SegmentationTask
+from workbench.tasks.dense import PixelOutput, PixelPredictor
 
 MEAN, STD = [0.5] * 6, [0.25] * 6
 
@@ -28,7 +29,7 @@ MEAN, STD = [0.5] * 6, [0.25] * 6
 class PixelwiseTask(nn.Module):
     """A per-pixel model (1×1 conv): tiled and whole-image outputs must agree exactly."""
 
-    output_kind = "classes"
+    output_kind = PixelOutput.CLASSES
     output_names = class_names = ["a", "b", "c"]
 
     def __init__(self) -> None:
@@ -109,6 +110,19 @@ def test_outputs_keep_georeference_nodata_and_metadata(tmp_path: Path) -> None:
     assert np.isnan(probs[:, :10, :12]).all() and not np.isnan(probs[:, 10:, 12:]).any()
     assert out["quicklook"].is_file() and out["quicklook"].stat().st_size > 0
     assert not list((tmp_path / "out").glob(".*"))  # no partial files left
+
+
+def test_predict_maps_pixel_predictors_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert isinstance(PixelwiseTask(), PixelPredictor)
+    config = yaml.safe_load(write_config(tmp_path).read_text())
+    config["model"]["class_path"] = "workbench.tasks.ClassificationTask"
+    for key in ("decoder", "decoder_channels"):
+        del config["model"]["init_args"][key]
+    path = tmp_path / "classification.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["predict", "--config", str(path), "--inputs", str(scene(tmp_path, (32, 32)))]) == 2
+    assert "maps per-pixel tasks (SegmentationTask, RegressionTask); the config's model is ClassificationTask" \
+        in capsys.readouterr().err
 
 
 def test_deterministic(tmp_path: Path) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import rasterio
 import torch
 import yaml
 
 from datamodules import GeoRegressionDataModule
-from tests.conftest import TINY_BACKBONE, fit_run, make_regression_chips, write_config, write_geotiff
+from tests.conftest import TINY_BACKBONE, direct_outputs, fit_run, make_regression_chips, write_config, write_geotiff
 from workbench.cli import main
 from workbench.tasks import RegressionTask
 
@@ -63,7 +64,10 @@ def test_regression_fit_learns_and_predicts_float32(tmp_path: Path) -> None:
     losses, results = fit_run(config)
     assert losses[-1] < losses[0]
     run = tmp_path / "runs" / "tiny" / "version_0"
-    assert results["test"]["test/RMSE"] > 0 and "test/R2" in results["test"]
+    values, targets = direct_outputs(results["best_checkpoint"], config)  # the checkpoint run here
+    assert results["test"]["test/RMSE"] == pytest.approx((values - targets).square().mean().sqrt().item(), rel=1e-4)
+    constant = (targets - 50.0).square().mean().sqrt().item()  # predicting target_mean everywhere
+    assert results["test"]["test/RMSE"] < constant and results["test"]["test/R2"] > 0
 
     scene = np.random.default_rng(1).random((6, 40, 72)).astype(np.float32)
     write_geotiff(tmp_path / "scene.tif", scene)

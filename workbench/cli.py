@@ -31,13 +31,15 @@ Run `workbench <command> --help` for a command's options, and
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-def _lightning_cli_class() -> type:
-    import torch
+
+
+def _lightning_cli_class() -> tuple[type, type, type]:
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
     from workbench.atomic import write_json
+    from workbench.checkpoints import read_lightning_checkpoint
     from workbench.resume import ResumeRNG, continue_metrics, run_version
     from workbench.run_stats import RunStats
     from workbench.tasks import BaseTask
@@ -68,7 +70,7 @@ def _lightning_cli_class() -> type:
             self.trainer.callbacks += [self.run_stats, ResumeRNG()]
             ckpt, logger = self.config.fit.ckpt_path, self.trainer.logger
             if ckpt and isinstance(logger, CSVLogger) and run_version(ckpt, logger.save_dir, logger.name) is not None:
-                continue_metrics(logger, torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+                continue_metrics(logger, read_lightning_checkpoint(ckpt, "--ckpt_path")["global_step"])
 
         def after_fit(self) -> None:
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:
@@ -95,7 +97,7 @@ def _lightning_cli_class() -> type:
                     },
                 )
 
-    return WorkbenchCLI, BaseTask, LightningDataModule
+    return WorkbenchCLI, BaseTask, LightningDataModule  # the CLI class, the model and data base classes
 
 
 def run_lightning(args: list[str] | None) -> None:

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import save_file
 
 from workbench.atomic import atomic_path, write_json
+from workbench.checkpoints import read_lightning_checkpoint
 from workbench.tasks.base import BaseTask
 
 
@@ -18,21 +19,22 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def export_weights(task: BaseTask, out_dir: str | Path) -> dict[str, str]:
-    """Write ``adapter.safetensors`` and ``merged.safetensors`` into ``out_dir``.
+    """Write the task's :meth:`~workbench.tasks.BaseTask.export_tensors` as
+    ``<kind>.safetensors`` into ``out_dir``, with ``export.json`` naming backbone, strategy and
+    files; returns ``{kind: path}``.
 
-    ``adapter.safetensors`` holds only what the strategy trained (e.g. LoRA matrices plus
-    neck/decoder/head): small, and applied on top of the same pretrained backbone.
+    For most tasks: ``adapter.safetensors`` holds only what the strategy trained (e.g. LoRA
+    matrices plus neck/decoder/head): small, and applied on top of the same pretrained backbone.
     ``merged.safetensors`` is the whole model with adapters merged into the base weights, in the
     plain (un-adapted) key layout, so it loads into the model built with the ``Full`` strategy
     at no extra inference cost; strategies that cannot be merged (VPT, AdaptFormer) write no
-    ``merged.safetensors``. Returns the written paths.
+    ``merged.safetensors``. MAE pretraining writes ``encoder.safetensors`` (official Prithvi layout).
     """
     out = Path(out_dir)
-    paths = {"adapter": out / "adapter.safetensors"}
-    save_tensors(task.strategy.trainable_state_dict(task.model), paths["adapter"])
-    if task.strategy.mergeable:
-        paths["merged"] = out / "merged.safetensors"
-        save_tensors(task.strategy.merged(task.model).state_dict(), paths["merged"])
+    paths = {}
+    for kind, tensors in task.export_tensors().items():
+        paths[kind] = out / f"{kind}.safetensors"
+        save_tensors(tensors, paths[kind])
     write_json(
         out / "export.json",
         {
@@ -46,7 +48,7 @@ def export_weights(task: BaseTask, out_dir: str | Path) -> dict[str, str]:
 
 class ExportWeights(Callback):
     """At the end of ``fit``, export the best checkpoint's weights to ``<log_dir>/<dirname>``
-    with the task's :meth:`~workbench.tasks.BaseTask.export`."""
+    (:func:`export_weights`)."""
 
     def __init__(self, dirname: str = "export") -> None:
         self.dirname = dirname
@@ -57,7 +59,6 @@ class ExportWeights(Callback):
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:
-            state = torch.load(best, map_location=pl_module.device, weights_only=True)
-            pl_module.load_state_dict(state["state_dict"])
-        paths = pl_module.export(out_dir)
+            pl_module.load_state_dict(read_lightning_checkpoint(best, "best checkpoint")["state_dict"])
+        paths = export_weights(pl_module, out_dir)
         print(f"workbench: exported {', '.join(paths.values())}")

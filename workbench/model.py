@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones.factory import PretrainedDecoder, load_checked
-from backbones.patchtst import num_patches
+from backbones.patchtst import PatchTST, num_patches
+from backbones.point_transformer import PointTransformer
 from heads import (
     FlattenHead, PatchReconstructionHead, PixelHead, PointPropagationHead, PoolingHead, build_decoder, build_neck,
 )
@@ -148,7 +149,7 @@ class EncoderClassifier(BackboneModel):
 
 def patch_geometry(backbone: nn.Module) -> tuple[int, int]:
     """``(patch_len, stride)`` of a patch-based series backbone (PatchTST)."""
-    if not hasattr(backbone, "patch_len"):
+    if not isinstance(backbone, PatchTST):
         raise UserInputError(
             f"forecasting and series imputation need a patch-based series backbone (patchtst_*), not "
             f"{type(backbone).__name__}"
@@ -195,7 +196,7 @@ class PointSegmenter(BackboneModel):
 
     def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.5) -> None:
         super().__init__(backbone)
-        if not hasattr(backbone, "centers"):
+        if not isinstance(backbone, PointTransformer):
             raise UserInputError(f"point segmentation needs a point backbone (point_mae_*), not {type(backbone).__name__}")
         channels = sum(i["num_chs"] for i in backbone.feature_info)
         self.head = PointPropagationHead(channels, backbone.in_chans, num_classes, dropout)

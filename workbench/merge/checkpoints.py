@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import instantiate_module
 
 from workbench.atomic import atomic_path
+from workbench.checkpoints import load_lightning_weights, read_lightning_checkpoint
 from workbench.errors import UserInputError
 from workbench.merge.weights import StateDict
 from workbench.tasks.base import BaseTask
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of a ``workbench fit`` checkpoint (trusted: it may hold pickled hparams)."""
-    if not Path(path).is_file():
-        raise UserInputError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
-        raise UserInputError(f"checkpoint {path} cannot be read ({err}); is it a `workbench fit` .ckpt?") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserInputError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
-    return ckpt
 
 
 def task_class(ckpt: dict[str, Any], path: str | Path) -> type[BaseTask]:
@@ -36,10 +26,26 @@ def task_class(ckpt: dict[str, Any], path: str | Path) -> type[BaseTask]:
     return getattr(importlib.import_module(module), name)
 
 
+def task_arguments(cls: type[BaseTask]) -> set[str]:
+    """The constructor arguments of a task class and of the task bases its ``**kwargs`` go to."""
+    return {name for klass in cls.__mro__ if issubclass(klass, BaseTask) and "__init__" in vars(klass)
+            for name, p in inspect.signature(klass.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 def load_task(path: str | Path) -> BaseTask:
-    """Rebuild the task (backbone, strategy, heads) from a checkpoint alone and load its weights."""
-    cls = task_class(read_checkpoint(path), path)
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    """Rebuild the task (backbone, strategy, heads) from a checkpoint alone and load its weights.
+
+    Saved hyper-parameters the task does not take are left out: the CLI links ``num_classes``,
+    ``class_names`` and ``bands`` from every datamodule, also to tasks without those arguments.
+    """
+    ckpt = read_lightning_checkpoint(path)
+    cls = task_class(ckpt, path)
+    saved = ckpt.get("hyper_parameters", {})
+    hparams = {k: v for k, v in saved.items() if k in task_arguments(cls) or k == "_class_path"}
+    task = instantiate_module(cls, hparams) if "_instantiator" in saved else cls(**hparams)
+    load_lightning_weights(task, ckpt, path)
+    return task
 
 
 def plain_weights(task: BaseTask, path: str | Path) -> StateDict:
@@ -60,7 +66,7 @@ def write_merged_checkpoint(source: str | Path, model_weights: StateDict, out: s
     ``merged`` flag makes the task merge its own adapters before loading. Optimizer and loop
     states are dropped: it is a model, not a resumable run.
     """
-    ckpt = read_checkpoint(source)
+    ckpt = read_lightning_checkpoint(source)
     others = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model.")}
     ckpt["state_dict"] = {**others, **{f"model.{k}": v for k, v in model_weights.items()}}
     for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):

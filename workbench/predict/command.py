@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import rasterio
 import torch
 
+from datamodules.scenes import SceneSource
+from workbench.checkpoints import load_lightning_weights, read_lightning_checkpoint
 from workbench.config import config_parser
 from workbench.errors import UserInputError
-from workbench.predict.tiled import SceneSpec, TiledPredictor
-from workbench.tasks.base import BaseTask
+from workbench.predict.tiled import TiledPredictor
+from workbench.tasks.dense import PixelPredictor
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 
@@ -55,35 +56,15 @@ def scene_stems(scenes: list[list[Path]]) -> list[str]:
     return stems
 
 
-def load_checkpoint(task: BaseTask, path: str) -> None:
-    """Load a Lightning checkpoint's weights; mismatches name the keys."""
-    if not Path(path).is_file():
-        raise UserInputError(f"--ckpt_path {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("state_dict", state) if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise UserInputError(f"--ckpt_path {path} holds no state dict")
-    task.on_load_checkpoint(state)
-    result = task.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+def scene_source(data: Any) -> SceneSource:
+    """The config's datamodule as a :class:`SceneSource`; other datamodules are an error."""
+    if not isinstance(data, SceneSource):
         raise UserInputError(
-            f"--ckpt_path {path} does not match the model built from the config (was it trained with "
-            f"another backbone, decoder or strategy?): missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"workbench predict reads scenes the way the config's datamodule reads its raster chips, but "
+            f"data.class_path {type(data).__name__} does not read raster scenes: use a GeoTIFF datamodule "
+            "(datamodules.GeoSegmentationDataModule, GeoRegressionDataModule or one of their subclasses)"
         )
-
-
-def scene_spec(data: Any) -> SceneSpec:
-    """Layers, band count, dtype and RGB positions from the training datamodule's config."""
-    layers = data.layers
-    dtype = None
-    chips = getattr(data, "split_chips", {}).get("train") or []
-    if chips and chips[0].image.is_file():
-        with rasterio.open(chips[0].image) as src:
-            dtype = src.dtypes[0]
-    names = data.bands or []
-    rgb = [names.index(b) for b in ("RED", "GREEN", "BLUE")] if {"RED", "GREEN", "BLUE"} <= set(names) else None
-    return SceneSpec(layers, len(data.file_bands) if data.file_bands else None, dtype, rgb)
+    return data
 
 
 def process_rank() -> tuple[int, int, int]:
@@ -118,14 +99,15 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     scenes = expand_inputs(cfg.inputs)
     init = parser.instantiate_classes(cfg)
     data, task = init.data, init.model
-    if getattr(task, "output_kind", None) not in ("classes", "values"):
+    if not isinstance(task, PixelPredictor):
         raise UserInputError(
             f"workbench predict maps per-pixel tasks (SegmentationTask, RegressionTask); the config's model is "
             f"{type(task).__name__}: evaluate it with `workbench test --config ... --ckpt_path ...` instead."
         )
+    source = scene_source(data)
     data.prepare_data()
     if cfg.ckpt_path is not None:
-        load_checkpoint(task, cfg.ckpt_path)
+        load_lightning_weights(task, read_lightning_checkpoint(cfg.ckpt_path, "--ckpt_path"), cfg.ckpt_path, "--ckpt_path")
     elif not getattr(task.model, "task_layers_pretrained", False):
         raise UserInputError("--ckpt_path: give a checkpoint written by `workbench fit` (without one the config's "
                              "decoder and head have random weights; only a model pretrained with them, such as "
@@ -135,10 +117,10 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     rank, world, local_rank = process_rank()
     auto = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = auto if cfg.device == "auto" else cfg.device
-    window = cfg.window or getattr(data, "chip_size", None) or 224
+    window = cfg.window or source.chip_size or 224
     overlap = cfg.overlap if cfg.overlap is not None else window // 4
     predictor = TiledPredictor(
-        task.to(device), data.preprocessor(), scene_spec(data), window, overlap, cfg.batch_size, data.nodata
+        task.to(device), source.preprocessor(), source.scene_spec(), window, overlap, cfg.batch_size, source.nodata
     )
     out_dir = Path(cfg.output_dir)
     written = {}

@@ -15,6 +15,8 @@ import rasterio.shutil
 from PIL import Image
 from rasterio.windows import Window
 
+from workbench.tasks.dense import PixelOutput
+
 CLASS_NODATA = 255
 PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -69,8 +71,9 @@ class _BlockRows:
 
 class SceneWriter:
     """Streams one scene's predictions into ``out_dir``: ``<stem>_classes.tif`` (+
-    ``_probabilities.tif``) for ``kind="classes"``, ``<stem>_values.tif`` (float32, one band per
-    name) for ``kind="values"``, and ``_quicklook.png``; Cloud-Optimized GeoTIFF layout, same
+    ``_probabilities.tif``) for class probabilities, ``<stem>_values.tif`` (float32, one band per
+    name) for values, and ``_quicklook.png``; ``paths`` keys are ``classes`` or ``values``,
+    ``probabilities``, ``quicklook``; Cloud-Optimized GeoTIFF layout, same
     CRS/transform/size as the input.
 
     Use as a context manager: on error the partial files are removed.
@@ -85,20 +88,21 @@ class SceneWriter:
         probabilities: bool = False,
         quicklook: bool = True,
         block: int = 256,
-        kind: str = "classes",
+        kind: PixelOutput = PixelOutput.CLASSES,
     ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.names = names
         self.kind = kind
-        self.paths = {kind: out_dir / f"{stem}_{kind}.tif"}
-        if probabilities and kind == "classes":
+        self.paths = {kind.value: out_dir / f"{stem}_{kind.value}.tif"}
+        if probabilities and kind is PixelOutput.CLASSES:
             self.paths["probabilities"] = out_dir / f"{stem}_probabilities.tif"
         if quicklook:
             self.paths["quicklook"] = out_dir / f"{stem}_quicklook.png"
         self.height, self.width = profile["height"], profile["width"]
         self.step = max(1, math.ceil(max(self.height, self.width) / QUICKLOOK_SIZE))
-        layout = {"classes": (1, "uint8", CLASS_NODATA), "values": (len(names), "float32", float("nan"))}[kind]
-        self.streams = {kind: _BlockRows(_tmp(self.paths[kind]), profile, *layout, block)}
+        layout = {PixelOutput.CLASSES: (1, "uint8", CLASS_NODATA),
+                  PixelOutput.VALUES: (len(names), "float32", float("nan"))}[kind]
+        self.streams = {kind.value: _BlockRows(_tmp(self.paths[kind.value]), profile, *layout, block)}
         if "probabilities" in self.paths:
             self.streams["probabilities"] = _BlockRows(
                 _tmp(self.paths["probabilities"]), profile, len(names), "float32", float("nan"), block
@@ -114,11 +118,11 @@ class SceneWriter:
         """Next finished rows: ``out`` ``(K, r, W)`` (class probabilities or values), ``valid``
         ``(r, W)``, raw ``rgb`` ``(3, r, W)``."""
         final = self.row + out.shape[1] >= self.height
-        if self.kind == "classes":
+        if self.kind is PixelOutput.CLASSES:
             primary = np.where(valid, out.argmax(0), CLASS_NODATA).astype(np.uint8)[None]
         else:
             primary = np.where(valid, out, np.nan).astype(np.float32)
-        self.streams[self.kind].write(primary, final)
+        self.streams[self.kind.value].write(primary, final)
         if "probabilities" in self.streams:
             self.streams["probabilities"].write(np.where(valid, out, np.nan).astype(np.float32), final)
         picked = np.arange(-self.row % self.step, out.shape[1], self.step)
@@ -139,8 +143,8 @@ class SceneWriter:
                 path.with_name(f".{path.stem}.cog{path.suffix}").unlink(missing_ok=True)
 
     def _finish(self) -> None:
-        with rasterio.open(_tmp(self.paths[self.kind]), "r+") as dst:
-            if self.kind == "classes":
+        with rasterio.open(_tmp(self.paths[self.kind.value]), "r+") as dst:
+            if self.kind is PixelOutput.CLASSES:
                 dst.write_colormap(1, {i: (*c, 255) for i, c in class_colors(self.names).items()})
                 dst.update_tags(class_names=json.dumps(self.names))
                 dst.set_band_description(1, "class")
@@ -151,7 +155,8 @@ class SceneWriter:
             with rasterio.open(_tmp(self.paths["probabilities"]), "r+") as dst:
                 for i, name in enumerate(self.names, start=1):
                     dst.set_band_description(i, f"probability_{name}")
-        for key, resampling in (("classes", "NEAREST"), ("values", "AVERAGE"), ("probabilities", "AVERAGE")):
+        for key, resampling in ((PixelOutput.CLASSES, "NEAREST"), (PixelOutput.VALUES, "AVERAGE"),
+                                ("probabilities", "AVERAGE")):
             if key in self.paths:
                 self._to_cog(_tmp(self.paths[key]), self.paths[key], resampling)
         if "quicklook" in self.paths:
@@ -167,7 +172,7 @@ class SceneWriter:
 
     def _write_quicklook(self) -> None:
         small = np.concatenate(self.small_out, axis=0)
-        if self.kind == "classes":
+        if self.kind is PixelOutput.CLASSES:
             colors = np.zeros((256, 3), dtype=np.uint8)
             for i, c in class_colors(self.names).items():
                 colors[i] = c

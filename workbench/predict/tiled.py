@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +14,13 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from datamodules.normalize import Preprocessor
+from datamodules.scenes import SceneSpec
 from workbench.errors import UserInputError
 from workbench.predict.outputs import SceneWriter
 from workbench.predict.windows import WindowPlan, blend_weights
-from workbench.tasks.base import BaseTask
+from workbench.tasks.dense import PixelPredictor
 
 GDAL_CACHE_MB = 64
-
-
-@dataclass(frozen=True)
-class SceneSpec:
-    """What a scene must look like: the layers to read and, when known, band count and dtype."""
-
-    layers: list[int]
-    bands_per_file: int | None
-    dtype: str | None
-    rgb: list[int] | None  # positions within ``layers`` of red, green, blue for the quicklook
 
 
 class SceneReader:
@@ -86,9 +76,9 @@ class TiledPredictor:
     """Predict scenes of any size window by window.
 
     Args:
-        task: a trained task; its ``predict_step`` maps ``{"image": (B, C, [T,] h, w)}`` to
-            per-pixel outputs ``(B, K, h, w)`` (class probabilities, or values when the task's
-            ``output_kind`` is ``values``); ``output_names`` names the K outputs.
+        task: a trained per-pixel task: its ``predict_step`` maps ``{"image": (B, C, [T,] h, w)}``
+            to outputs ``(B, K, h, w)`` of kind ``output_kind`` (class probabilities or values),
+            named by ``output_names``.
         preprocess: the training normalisation.
         spec: the layers to read and the checks a scene must pass.
         window: window side in pixels (a multiple of the backbone's patch size).
@@ -99,7 +89,7 @@ class TiledPredictor:
 
     def __init__(
         self,
-        task: BaseTask,
+        task: PixelPredictor,
         preprocess: Preprocessor,
         spec: SceneSpec,
         window: int = 224,

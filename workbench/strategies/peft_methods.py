@@ -3,6 +3,11 @@
 Every class here only translates its arguments into a ``peft`` config: LoRA (with DoRA, PiSSA
 and EVA initialisations), LoHa, LoKr, IA3, VeRA, OFT and BOFT. peft freezes the backbone's own
 weights; neck, decoder and head stay trainable. All of them merge into the base weights.
+
+The ``PeftModel`` (around peft's tuner object: ``LoraModel``, ``LoHaModel``, ``VeraModel``, ...)
+is kept as the backbone's unregistered ``peft_model`` attribute: the adapter layers sit in the
+backbone in place, so state-dict keys stay the backbone's own (no ``base_model.model.`` prefix),
+while merging (``merge_and_unload``) and EVA initialisation go through peft itself.
 """
 
 from __future__ import annotations
@@ -19,12 +24,11 @@ from peft import (
     LoraConfig,
     OFTConfig,
     PeftConfig,
+    PeftModel,
     VeraConfig,
-    get_eva_state_dict,
-    inject_adapter_in_model,
+    initialize_lora_eva_weights,
 )
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.tuners.vera import VeraModel
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import Tensor, nn
 
 from workbench.errors import UserInputError
@@ -42,51 +46,40 @@ def linear_names(module: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def merge_adapters(module: nn.Module) -> None:
-    """Merge every peft adapter layer of ``module`` into its base layer and unwrap it, in place."""
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, BaseTunerLayer):
-            layer.merge()
-            parent_name, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer.get_base_layer())
-
-
 class PeftStrategy(Strategy):
-    """Inject the adapters described by :meth:`peft_config` into ``model.backbone``."""
+    """Adapt ``model.backbone`` in place with a ``PeftModel`` built from :meth:`peft_config`."""
 
     target_modules: list[str]
 
     def peft_config(self) -> PeftConfig:
         raise NotImplementedError
 
-    def inject(self, backbone: nn.Module) -> nn.Module:
-        """Add the adapters to ``backbone`` (in place) and return the module to use."""
-        return inject_adapter_in_model(self.peft_config(), backbone)
-
     def prepare(self, model: BackboneModel) -> None:
+        backbone = model.backbone
+        config = self.peft_config()
+        if not any(check_target_module_exists(config, name) for name, _ in backbone.named_modules()):
+            names = ", ".join(linear_names(backbone)) or "none (use frozen, full, bitfit, norm or ssf)"
+            raise UserInputError(
+                f"{self.name} target_modules {self.target_modules} match no layer of the backbone. "
+                f"Linear and plain conv layers it has: {names}."
+            )
         try:
-            model.backbone = self.inject(model.backbone)
+            peft_model = PeftModel(backbone, config)
         except ValueError as err:
-            message = str(err)
-            if "not found" in message or "Target module" in message:
-                names = ", ".join(linear_names(model.backbone)) or "none (use frozen, full, bitfit, norm or ssf)"
-                raise UserInputError(
-                    f"{self.name} target_modules {self.target_modules} match no layer of the backbone. "
-                    f"Linear and plain conv layers it has: {names}."
-                ) from None
-            raise UserInputError(f"{self.name} cannot adapt this backbone: {message}") from None
+            raise UserInputError(f"{self.name} cannot adapt this backbone: {err}") from None
         except AssertionError:  # smp's TF-"same" convs with asymmetric padding (stride 2) refuse copies
             raise UserInputError(
                 f"{self.name} target_modules {self.target_modules} include a stride-2 EfficientNet conv with "
                 "TensorFlow-style asymmetric padding (the stem or a depthwise conv), which peft cannot adapt: "
-                f"target plain convs instead ({', '.join(linear_names(model.backbone))})"
+                f"target plain convs instead ({', '.join(linear_names(backbone))})"
             ) from None
+        object.__setattr__(backbone, "peft_model", peft_model)  # not a child: keys stay the backbone's
 
     def merged(self, model: BackboneModel) -> BackboneModel:
         plain = copy.deepcopy(model)
-        merge_adapters(plain.backbone)
-        if isinstance(plain.backbone, BaseTuner):
-            plain.backbone = plain.backbone.model
+        peft_model: PeftModel = plain.backbone.peft_model
+        del plain.backbone.peft_model
+        peft_model.merge_and_unload()  # folds and unwraps the adapter layers of plain.backbone in place
         return plain
 
 
@@ -152,24 +145,19 @@ class LoRA(PeftStrategy):
 
     @torch.no_grad()
     def initialize(self, model: BackboneModel, batches: list[Tensor]) -> None:
-        """EVA: set each ``lora_A`` to the top right-singular vectors of its layer's inputs."""
+        """EVA: set each ``lora_A`` to the top right-singular vectors of its layer's inputs
+        ``(tokens, D)``, collected over ``batches`` with the adapters disabled (peft's
+        ``initialize_lora_eva_weights``; ``rho=1`` keeps every layer at ``rank``)."""
         if self.init != "eva":
             return
-        plain = copy.deepcopy(model.backbone)
-        merge_adapters(plain)
-        plain.__dict__.pop("peft_config", None)  # a plain module again, for peft's EVA
-        components = get_eva_state_dict(
-            plain,
+        initialize_lora_eva_weights(
+            model.backbone.peft_model,
             batches,
-            self.peft_config(),
-            forward_fn=lambda backbone, image: backbone.forward_features(image),
+            forward_fn=lambda peft_model, image: peft_model.get_base_model().forward_features(image),
             prepare_model_inputs_fn=None,
             prepare_layer_inputs_fn=lambda layer_input, _inputs, _name: layer_input[0].flatten(0, -2),
             show_progress_bar=False,
         )
-        for name, module in model.backbone.named_modules():
-            if name in components:
-                module.lora_A["default"].weight.copy_(components[name][: self.rank])
 
 
 class _RankAlphaPeft(PeftStrategy):
@@ -228,8 +216,7 @@ class IA3(PeftStrategy):
 class VeRA(PeftStrategy):
     """VeRA: frozen random low-rank matrices shared by all layers, trained scaling vectors.
 
-    The shared matrices live on peft's ``VeraModel``, which wraps the backbone (its keys gain a
-    ``model.`` prefix until merged).
+    The shared matrices are buffers of every adapted layer (``...vera_A.default``).
     """
 
     name = "vera"
@@ -248,8 +235,21 @@ class VeRA(PeftStrategy):
     def peft_config(self) -> VeraConfig:
         return VeraConfig(r=self.rank, target_modules=self.target_modules, projection_prng_key=self.seed)
 
-    def inject(self, backbone: nn.Module) -> nn.Module:
-        return VeraModel(backbone, self.peft_config(), "default")
+    def prepare(self, model: BackboneModel) -> None:
+        super().prepare(model)
+        model.backbone._register_load_state_dict_pre_hook(load_wrapped_vera_layout)
+
+
+def load_wrapped_vera_layout(state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+    """Load-state-dict pre-hook: checkpoints written while VeRA's ``VeraModel`` was registered as
+    the backbone (every backbone key under ``model.``, plus the model-level copies of the shared
+    projections ``vera_A.default`` / ``vera_B.default``) → the backbone's own layout, in place."""
+    if prefix + "vera_A.default" not in state_dict:
+        return
+    for shared in ("vera_A.default", "vera_B.default"):
+        state_dict.pop(prefix + shared, None)
+    for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+        state_dict[prefix + key[len(prefix + "model."):]] = state_dict.pop(key)
 
 
 class OFT(PeftStrategy):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from timm.layers import LayerNorm2d, LayerNorm2dFp32, LayerNormAct2d, LayerNormAct2dFp32
 from torch import Tensor, nn
 
 from workbench.model import BackboneModel
@@ -45,9 +46,12 @@ class ScaleShift(nn.Module):
         return layer
 
 
+CHANNELS_FIRST = (nn.Conv2d, nn.Conv3d, LayerNorm2d, LayerNorm2dFp32, LayerNormAct2d, LayerNormAct2dFp32)
+"""Layers that put channels on dim 1: convs and timm's 2-D LayerNorms (subclasses of ``nn.LayerNorm``)."""
+
+
 def _channels_first(layer: nn.Module) -> bool:
-    """Conv layers and 2-D LayerNorms (timm's ``LayerNorm2d``) put channels on dim 1."""
-    return isinstance(layer, (nn.Conv2d, nn.Conv3d)) or type(layer).__name__.endswith("2d")
+    return isinstance(layer, CHANNELS_FIRST)
 
 
 def _out_channels(layer: nn.Module) -> int:

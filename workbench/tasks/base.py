@@ -1,10 +1,12 @@
-"""What every task shares: backbone creation, the adaptation strategy, optimizers, reporting."""
+"""What every task shares: model, loss and metrics set up once, the strategy, the optimizer,
+one training/evaluation step (loss, metric updates, logging) and reporting."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -20,25 +22,56 @@ from workbench.strategies import Full, Strategy, StrategyReport
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 BACKBONE_INPUTS = ("temporal_coords", "location_coords")
-MODEL_INPUTS = ("image", "series", "points")  # rasters and spectrograms, time series, point clouds
 
 
-def model_input(batch: dict[str, Tensor]) -> Tensor:
-    """The batch entry the model reads: ``image`` ``(B, C, [T,] H, W)`` (rasters, spectrograms),
-    ``series`` ``(B, M, L)`` or ``points`` ``(B, N, 3 + F)``."""
-    for key in MODEL_INPUTS:
-        if key in batch:
-            return batch[key]
-    raise UserInputError(f"a batch has none of {MODEL_INPUTS} (it has {sorted(batch)}): check the datamodule")
+class ModelInput(StrEnum):
+    """The batch entry a model reads."""
+
+    IMAGE = "image"  # rasters and spectrograms (B, C, [T,] H, W)
+    SERIES = "series"  # time series (B, M, L)
+    POINTS = "points"  # point clouds (B, N, 3 + F)
+
+
+def model_input(batch: dict[str, Tensor], accepted: tuple[ModelInput, ...] = tuple(ModelInput)) -> Tensor:
+    """The one ``accepted`` entry of ``batch``; an error when it has none or several."""
+    present = [key for key in accepted if key in batch]
+    if len(present) != 1:
+        raise UserInputError(
+            f"a batch must hold exactly one of {[str(k) for k in accepted]} (it has {sorted(batch)}): "
+            "check that the data section matches the model's task"
+        )
+    return batch[present[0]]
+
+
+@dataclass
+class StepOutput:
+    """One batch through a task: the loss and what the metrics compare.
+
+    ``preds`` and ``target`` are the metric inputs (``preds`` detached by the shared step);
+    ``scored`` selects the elements scored (None: all); ``logs`` are further values logged as
+    ``<stage>/<name>`` (reference scores such as a naive forecast's error).
+    """
+
+    loss: Tensor
+    preds: Tensor | None = None
+    target: Tensor | None = None
+    scored: Tensor | None = None
+    logs: dict[str, Tensor] = field(default_factory=dict)
 
 
 class BaseTask(LightningModule):
     """A backbone-based model adapted by a :class:`~workbench.strategies.Strategy`.
 
-    Subclasses set their own attributes, then call :meth:`setup_model`, which creates the
-    backbone, wraps it with :meth:`build_model` and applies the strategy. Only parameters left
-    trainable by the strategy reach the optimizer.
+    ``__init__`` calls :meth:`configure_models` (backbone → :meth:`build_model` → strategy),
+    :meth:`configure_losses` and :meth:`configure_metrics` (the task's :meth:`metrics`, cloned
+    per stage as ``<stage>_metrics`` with the prefix ``<stage>/``): subclasses set what these
+    read before calling ``super().__init__``. A subclass says how a batch gives its loss and
+    metric inputs (:meth:`compute_step`); the shared step logs ``<stage>/loss`` and updates the
+    metrics. Only parameters left trainable by the strategy reach the optimizer.
     """
+
+    inputs: ClassVar[tuple[ModelInput, ...]] = (ModelInput.IMAGE,)  # the batch entries the model may read
+    batch_idx: int = 0  # index of the batch in its epoch, set by the step hooks (seeds evaluation draws)
 
     def __init__(
         self,
@@ -83,12 +116,15 @@ class BaseTask(LightningModule):
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise UserInputError(f"model.layer_decay {layer_decay} must be in (0, 1], e.g. 0.75")
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "num_outputs"])  # num_outputs: set by the task
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.strategy = strategy or Full()
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
 
-    def setup_model(self) -> None:
+    def configure_models(self) -> None:
         """Create the backbone, build ``self.model`` around it and apply the strategy."""
         hp = self.hparams
         encoder = create_backbone(hp.backbone, hp.bands, hp.pretrained, hp.backbone_kwargs)
@@ -99,18 +135,28 @@ class BaseTask(LightningModule):
         self.model = self.build_model(encoder)
         self.strategy_report: StrategyReport = self.strategy.apply(self.model)
         log.info("%s", self.strategy_report)
-        for stage in STAGES:
-            metrics = self.metrics(stage)
-            if metrics is not None:
-                setattr(self, f"{stage}_metrics", metrics)
+
+    def configure_losses(self) -> None:
+        """Set the task's loss module(s); the default: none (the loss is computed in the step)."""
+
+    def configure_metrics(self) -> None:
+        """``train_metrics``, ``val_metrics``, ``test_metrics``: :meth:`metrics` with the stage prefix."""
+        metrics = self.metrics()
+        if metrics is not None:
+            for stage in STAGES:
+                setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
+
+    def stage_metrics(self, stage: str) -> MetricCollection | None:
+        """The metrics of ``stage`` (train, val, test); None where the task logs its loss only."""
+        return getattr(self, f"{stage}_metrics", None)
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile_model and stage == "fit" and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True
 
-    def metrics(self, stage: str) -> MetricCollection | None:
-        """The task's metrics for ``stage``, names prefixed ``<stage>/``; None: the loss only."""
+    def metrics(self) -> MetricCollection | None:
+        """The task's metrics (names without the stage prefix); None: the loss only."""
         return None
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
@@ -125,13 +171,38 @@ class BaseTask(LightningModule):
         """The batch entries the backbone takes besides the image (time and location coordinates)."""
         return {k: batch[k] for k in BACKBONE_INPUTS if k in batch}
 
+    def model_input(self, batch: dict[str, Tensor]) -> Tensor:
+        """The batch entry the model reads: the one of :attr:`inputs` the batch holds."""
+        return model_input(batch, self.inputs)
+
     def forward_batch(self, batch: dict[str, Tensor]) -> Tensor:
         """Model outputs for a batch dict with the model input (and optional coordinates)."""
-        return self(model_input(batch), **self.backbone_inputs(batch))
+        return self(self.model_input(batch), **self.backbone_inputs(batch))
+
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Loss and metric inputs of ``batch`` in ``stage`` (train, val or test)."""
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: MetricCollection, step: StepOutput) -> None:
+        """Feed one step's scored predictions and targets to ``metrics`` (nothing scored: no update)."""
+        preds, target = step.preds.detach(), step.target
+        if step.scored is not None:
+            preds, target = preds[step.scored], target[step.scored]
+        if target.numel():
+            metrics.update(preds, target)
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        """Loss of ``batch`` (logged, with the metrics of ``stage``: train, val or test)."""
-        raise NotImplementedError
+        """Loss of ``batch``, logged as ``<stage>/loss`` (with the step's other values), and the
+        metric update of ``stage``."""
+        step = self.compute_step(batch, stage)
+        size = len(self.model_input(batch))
+        self.log(f"{stage}/loss", step.loss, on_epoch=True, prog_bar=True, batch_size=size)
+        for name, value in step.logs.items():
+            self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=size)
+        metrics = self.stage_metrics(stage)
+        if metrics is not None:
+            self.update_metrics(metrics, step)
+        return step.loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self.batch_idx = batch_idx
@@ -146,8 +217,8 @@ class BaseTask(LightningModule):
         self._step(batch, "test")
 
     def _log_metrics(self, stage: str) -> None:
-        """Log and reset ``<stage>_metrics`` (a torchmetrics collection), where the task has one."""
-        metrics = getattr(self, f"{stage}_metrics", None)
+        """Log and reset the metrics of ``stage``, where the task has them."""
+        metrics = self.stage_metrics(stage)
         if metrics is not None:
             self.log_dict(metrics.compute(), prog_bar=stage != "train")
             metrics.reset()
@@ -171,7 +242,8 @@ class BaseTask(LightningModule):
             )
         if self.strategy.init_batches and self.trainer.ckpt_path is None:
             loader = self.trainer.datamodule.train_dataloader()
-            batches = [model_input(batch).to(self.device) for batch, _ in zip(loader, range(self.strategy.init_batches))]
+            first = zip(loader, range(self.strategy.init_batches))
+            batches = [self.model_input(batch).to(self.device) for batch, _ in first]
             self.strategy.initialize(self.model, batches)
             print(f"workbench: {self.strategy.name} initialized from {len(batches)} training batches")
 
@@ -191,11 +263,14 @@ class BaseTask(LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
-    def export(self, out_dir: str | Path) -> dict[str, str]:
-        """Write the fine-tuned weights for use outside Lightning; returns ``{kind: path}``."""
-        from workbench.export import export_weights
-
-        return export_weights(self, out_dir)
+    def export_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """The fine-tuned weights for use outside Lightning, by kind: ``adapter`` (what the
+        strategy trained: e.g. LoRA matrices plus neck/decoder/head) and, for mergeable
+        strategies, ``merged`` (the whole model, adapters merged, in the plain key layout)."""
+        tensors = {"adapter": self.strategy.trainable_state_dict(self.model)}
+        if self.strategy.mergeable:
+            tensors["merged"] = self.strategy.merged(self.model).state_dict()
+        return tensors
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["workbench"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "merged": False}

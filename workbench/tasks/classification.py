@@ -16,7 +16,7 @@ from torchmetrics.classification import (
 
 from workbench.errors import UserInputError
 from workbench.model import EncoderClassifier
-from workbench.tasks.base import BaseTask
+from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 
 class ClassificationTask(BaseTask):
@@ -24,8 +24,11 @@ class ClassificationTask(BaseTask):
 
     Batches hold ``image`` and ``label``: ``(B,)`` int64 classes (single-label, cross-entropy) or
     ``(B, K)`` 0/1 floats (``multi_label``, binary cross-entropy per label). Metrics: accuracy
-    and macro F1 (+ mAP for multi-label) as ``{train,val,test}/<name>``.
+    and macro F1 (+ mAP for multi-label) as ``{train,val,test}/<name>``. The input is the batch's
+    ``image``, ``series`` or ``points``, whichever the datamodule gives.
     """
+
+    inputs = tuple(ModelInput)
 
     def __init__(
         self,
@@ -46,31 +49,31 @@ class ClassificationTask(BaseTask):
         names = class_names or [str(i) for i in range(num_classes)]
         if len(names) != num_classes:
             raise UserInputError(f"class_names has {len(names)} names but num_classes is {num_classes}")
-        super().__init__(**kwargs)
         self.class_names = names
         self.multi_label = multi_label
-        self.setup_model()
-        self.loss = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+        super().__init__(**kwargs)
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return EncoderClassifier(backbone, self.hparams.num_classes, self.hparams.head_dropout)
 
-    def metrics(self, stage: str) -> MetricCollection:
+    def configure_losses(self) -> None:
+        self.loss = nn.BCEWithLogitsLoss() if self.multi_label else nn.CrossEntropyLoss()
+
+    def metrics(self) -> MetricCollection:
         n = self.hparams.num_classes
         if self.multi_label:
-            metrics = {"accuracy": MultilabelAccuracy(n), "F1": MultilabelF1Score(n, average="macro"),
-                       "mAP": MultilabelAveragePrecision(n)}
-        else:
-            metrics = {"accuracy": MulticlassAccuracy(n, average="micro"), "F1": MulticlassF1Score(n, average="macro")}
-        return MetricCollection(metrics, prefix=f"{stage}/")
+            return MetricCollection({"accuracy": MultilabelAccuracy(n), "F1": MultilabelF1Score(n, average="macro"),
+                                     "mAP": MultilabelAveragePrecision(n)})
+        return MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro"),
+                                 "F1": MulticlassF1Score(n, average="macro")})
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Logits ``(B, K)`` against ``label`` ``(B,)`` classes or ``(B, K)`` 0/1 labels."""
         logits = self.forward_batch(batch)
         label = batch["label"]
-        loss = self.loss(logits, label.float() if self.multi_label else label)
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
-        getattr(self, f"{stage}_metrics").update(logits.detach(), label.long() if self.multi_label else label)
-        return loss
+        if self.multi_label:
+            return StepOutput(self.loss(logits, label.float()), logits, label.long())
+        return StepOutput(self.loss(logits, label), logits, label)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities ``(B, K)`` (softmax, or per-label sigmoid for multi-label)."""

@@ -1,22 +1,46 @@
 """What the per-pixel tasks share: encoder → neck → decoder → head at the input size, batches
-as dicts, a torchmetrics collection per stage."""
+as dicts, and what they tell whole-scene prediction about their outputs."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 from workbench.model import build_encoder_decoder
 from workbench.tasks.base import BaseTask
 
 
+class PixelOutput(StrEnum):
+    """What a per-pixel model's ``K`` output channels are."""
+
+    CLASSES = "classes"  # class probabilities: written as a class map (+ optional probabilities)
+    VALUES = "values"  # values in target units: written as they are
+
+
+@runtime_checkable
+class PixelPredictor(Protocol):
+    """A model ``workbench predict`` can map scenes with: ``predict_step`` maps
+    ``{"image": (B, C, [T,] h, w)}`` to ``(B, K, h, w)`` outputs of kind ``output_kind``,
+    the ``K`` channels named by ``output_names``."""
+
+    output_kind: PixelOutput
+    output_names: list[str]
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor: ...
+
+
 class DenseTask(BaseTask):
-    """Base of per-pixel tasks. Subclasses implement ``_step`` and ``metrics``.
+    """Base of per-pixel tasks (each a :class:`PixelPredictor`). Subclasses set ``output_kind``,
+    ``output_names`` and implement ``compute_step`` and ``metrics``.
 
     Batches are dicts with ``image`` ``(B, C, [T,] H, W)`` and optionally ``temporal_coords``
     ``(B, T, 2)`` and ``location_coords`` ``(B, 2)``; outputs are ``(B, num_outputs, H, W)``.
     """
+
+    output_kind: ClassVar[PixelOutput]
+    output_names: list[str]
 
     def __init__(
         self,
@@ -26,11 +50,11 @@ class DenseTask(BaseTask):
         head_dropout: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         self.num_outputs = num_outputs
-        self.setup_model()
+        super().__init__(**kwargs)
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         hp = self.hparams
+        class_names = self.output_names if self.output_kind is PixelOutput.CLASSES else None
         return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout,
-                                     getattr(self, "class_names", None))
+                                     class_names)

@@ -10,7 +10,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.model import SeriesForecaster
-from workbench.tasks.base import BaseTask
+from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 
 class ForecastingTask(BaseTask):
@@ -21,6 +21,8 @@ class ForecastingTask(BaseTask):
     series); metrics MSE and MAE are in data units, next to ``naive_MAE`` (repeat the last
     observed value) for scale.
     """
+
+    inputs = (ModelInput.SERIES,)
 
     def __init__(
         self,
@@ -37,14 +39,13 @@ class ForecastingTask(BaseTask):
             **kwargs: :class:`BaseTask` arguments (backbone, strategy, optimizer, ...).
         """
         super().__init__(**kwargs)
-        self.setup_model()
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         hp = self.hparams
         return SeriesForecaster(backbone, hp.context_length, hp.horizon, hp.head_dropout)
 
-    def metrics(self, stage: str) -> MetricCollection:
-        return MetricCollection({"MSE": MeanSquaredError(), "MAE": MeanAbsoluteError()}, prefix=f"{stage}/")
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"MSE": MeanSquaredError(), "MAE": MeanAbsoluteError()})
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
@@ -56,16 +57,14 @@ class ForecastingTask(BaseTask):
                 )
         super().on_fit_start()
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Forecasts against ``target`` ``(B, M, horizon)``, beside the naive forecast's MAE."""
         series, target = batch["series"], batch["target"]
         pred = self.forward_batch(batch)
         _, _, scale = instance_normalize(series)
         loss = ((pred - target) / scale).square().mean()
-        size = series.shape[0]
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log(f"{stage}/naive_MAE", (series[..., -1:] - target).abs().mean(), on_epoch=True, batch_size=size)
-        getattr(self, f"{stage}_metrics").update(pred.detach().flatten(), target.flatten())
-        return loss
+        naive_mae = (series[..., -1:] - target).abs().mean()
+        return StepOutput(loss, pred.flatten(), target.flatten(), logs={"naive_MAE": naive_mae})
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Forecasts ``(B, M, horizon)`` in data units."""

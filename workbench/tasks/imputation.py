@@ -12,9 +12,9 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from backbones.prithvi_mae import as_frames, keep_from_hidden, unpatchify
 from workbench.errors import UserInputError
-from workbench.tasks.base import BaseTask
+from workbench.tasks.base import BaseTask, StepOutput
 from workbench.tasks.gaps import hidden_tokens, sample_blob_gaps, sample_patch_gaps
-from workbench.tasks.pretrain import build_mae
+from workbench.tasks.mae import build_mae
 
 
 class ImputationTask(BaseTask):
@@ -56,10 +56,13 @@ class ImputationTask(BaseTask):
         """
         if not 0.0 < gap_fraction < 1.0:
             raise UserInputError(f"model.gap_fraction {gap_fraction} must be in (0, 1)")
-        super().__init__(**kwargs)
         self.gaps = gaps
-        self.setup_model()
-        if pretrained_decoder and self.hparams.pretrained:
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        """The MAE around the backbone; with ``pretrained_decoder``, its decoder from ``pretrained``."""
+        super().configure_models()
+        if self.hparams.pretrained_decoder and self.hparams.pretrained:
             report = self.model.load_decoder(self.hparams.pretrained)
             if report["unexpected"] or len(report["missing"]) == len(self.model.decoder.state_dict()):
                 raise UserInputError(
@@ -76,25 +79,27 @@ class ImputationTask(BaseTask):
         """Names of the input bands (metric keys ``MAE_<band>``)."""
         return self.hparams.bands or [str(i) for i in range(len(self.model.backbone.bands))]
 
-    def metrics(self, stage: str) -> MetricCollection:
+    def metrics(self) -> MetricCollection:
         data_range = self.hparams.data_range
         return MetricCollection(
             {"PSNR": PeakSignalNoiseRatio(data_range=data_range),
              "SSIM": StructuralSimilarityIndexMeasure(data_range=data_range),
              **{f"MAE_{band}": MeanAbsoluteError() for band in self.band_names}},
-            prefix=f"{stage}/",
         )
 
-    def gap_mask(self, batch: dict[str, Tensor], image: Tensor, stage: str = "train") -> Tensor:
-        """Gaps ``(B, T, H, W)`` bool for images ``(B, C, T, H, W)``: sampled anew in training,
-        seeded by the batch index in validation and test, so every epoch (and run) scores the
-        same gaps and the checkpoint-selecting metric is not sampling noise."""
+    def generator(self, device: torch.device, stage: str) -> torch.Generator | None:
+        """None in training (fresh random gaps every step); else a generator seeded by the batch
+        index, so every epoch (and run) scores the same gaps and hides the same extra tokens, and
+        the checkpoint-selecting metric is not sampling noise."""
+        return None if stage == "train" else torch.Generator(device).manual_seed(self.batch_idx)
+
+    def gap_mask(self, batch: dict[str, Tensor], image: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Gaps ``(B, T, H, W)`` bool for images ``(B, C, T, H, W)``, sampled with ``generator``."""
         b, _, t, h, w = image.shape
         if self.gaps == "mask":
             if "mask" not in batch:
                 raise UserInputError("model.gaps: mask needs a mask per chip (data masks = the cloud masks)")
             return (batch["mask"] == self.hparams.gap_value).unsqueeze(1).expand(b, t, h, w)
-        generator = None if stage == "train" else torch.Generator(image.device).manual_seed(self.batch_idx)
         if self.gaps == "patches":
             patch = self.model.backbone.patch_size[1:]
             return sample_patch_gaps((b, t, h, w), patch, self.hparams.gap_fraction, generator, image.device)
@@ -104,32 +109,35 @@ class ImputationTask(BaseTask):
         """``(image, filled, gaps, scored)``: truth and gap-filled images ``(B, C, T, H, W)``, the
         gaps and the pixels scored (gaps whose truth is not nodata), ``(B, T, H, W)``."""
         image = as_frames(batch["image"])
-        gaps = self.gap_mask(batch, image, stage)
+        generator = self.generator(image.device, stage)
+        gaps = self.gap_mask(batch, image, generator)
         valid = batch["valid"].unsqueeze(1) if "valid" in batch else torch.ones_like(gaps[:, :1])
         scored = gaps & valid
         patch = self.model.backbone.patch_size
-        keep = keep_from_hidden(hidden_tokens(gaps, patch))
+        keep = keep_from_hidden(hidden_tokens(gaps, patch), generator)
         coords = self.backbone_inputs(batch)
         pred, _, grid = self.model(image, keep=keep, **coords)
         recon = unpatchify(pred, patch, image.shape[1], grid) + visible_mean(image, ~gaps & valid)
         filled = torch.where(gaps.unsqueeze(1), recon, image)
         return image, filled, gaps, scored
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Gap-filled images against the truth ``(B, C, T, H, W)``, scored on the gap pixels."""
         image, filled, _, scored = self.impute(batch, stage)
         scored_gaps = scored.unsqueeze(1).expand_as(image)
         loss = ((filled - image)[scored_gaps] ** 2).mean() if scored_gaps.any() else filled.sum() * 0.0
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
-        metrics = getattr(self, f"{stage}_metrics")
-        if scored_gaps.any():
-            metrics["PSNR"].update(filled[scored_gaps].detach(), image[scored_gaps])
-        metrics["SSIM"].update(_frames(filled.detach()), _frames(image))
-        for c, band in enumerate(self.band_names):
-            selected = scored_gaps[:, c]
-            if selected.any():
-                metrics[f"MAE_{band}"].update(filled[:, c][selected].detach(), image[:, c][selected])
-        return loss
+        return StepOutput(loss, filled, image, scored=scored_gaps)
 
+    def update_metrics(self, metrics: MetricCollection, step: StepOutput) -> None:
+        """PSNR and per-band MAE over the scored gap pixels; SSIM over whole gap-filled frames."""
+        filled, image, scored = step.preds.detach(), step.target, step.scored
+        if scored.any():
+            metrics["PSNR"].update(filled[scored], image[scored])
+        metrics["SSIM"].update(_frames(filled), _frames(image))
+        for c, band in enumerate(self.band_names):
+            selected = scored[:, c]
+            if selected.any():
+                metrics[f"MAE_{band}"].update(filled[:, c][selected], image[:, c][selected])
 
 
 def visible_mean(image: Tensor, seen: Tensor) -> Tensor:

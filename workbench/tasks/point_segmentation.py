@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from workbench.errors import UserInputError
 from workbench.model import PointSegmenter
-from workbench.tasks.base import BaseTask
+from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 IGNORED = -1  # points whose class is not learned
 
@@ -23,6 +23,8 @@ class PointSegmentationTask(BaseTask):
     scored). Loss: cross-entropy (optionally class-weighted); metrics: overall accuracy and mean
     IoU over the classes as ``{train,val,test}/<name>``.
     """
+
+    inputs = (ModelInput.POINTS,)
 
     def __init__(
         self,
@@ -43,30 +45,26 @@ class PointSegmentationTask(BaseTask):
         names = class_names or [str(i) for i in range(num_classes)]
         if len(names) != num_classes or (class_weights is not None and len(class_weights) != num_classes):
             raise UserInputError(f"class_names / class_weights must have num_classes ({num_classes}) entries")
-        super().__init__(**kwargs)
         self.class_names = names
-        self.setup_model()
-        weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-        self.loss = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORED)
+        super().__init__(**kwargs)
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return PointSegmenter(backbone, self.hparams.num_classes, self.hparams.head_dropout)
 
-    def metrics(self, stage: str) -> MetricCollection:
-        n = self.hparams.num_classes
-        return MetricCollection(
-            {"accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORED),
-             "mIoU": MulticlassJaccardIndex(n, ignore_index=IGNORED)},
-            prefix=f"{stage}/",
-        )
+    def configure_losses(self) -> None:
+        weights = self.hparams.class_weights
+        weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        self.loss = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORED)
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def metrics(self) -> MetricCollection:
+        n = self.hparams.num_classes
+        return MetricCollection({"accuracy": MulticlassAccuracy(n, average="micro", ignore_index=IGNORED),
+                                 "mIoU": MulticlassJaccardIndex(n, ignore_index=IGNORED)})
+
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Logits ``(B, K, N)`` against ``mask`` ``(B, N)``."""
         logits = self.forward_batch(batch)
-        mask = batch["mask"]
-        loss = self.loss(logits, mask)
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
-        getattr(self, f"{stage}_metrics").update(logits.detach(), mask)
-        return loss
+        return StepOutput(self.loss(logits, batch["mask"]), logits, batch["mask"])
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Per-point classes ``(B, N)``."""

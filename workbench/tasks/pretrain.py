@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from backbones.prithvi import PrithviViT
-from backbones.prithvi_mae import PrithviMAE, as_frames, patchify
+from backbones.prithvi_mae import as_frames, patchify
 from workbench.errors import UserInputError
-from workbench.tasks.base import BaseTask
+from workbench.tasks.base import BaseTask, StepOutput
+from workbench.tasks.mae import build_mae
 
 
 def patch_targets(image: Tensor, patch: tuple[int, int, int], normalize: bool) -> Tensor:
@@ -22,13 +21,6 @@ def patch_targets(image: Tensor, patch: tuple[int, int, int], normalize: bool) -
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     return target
-
-
-def build_mae(backbone: nn.Module, hparams: Any, purpose: str) -> PrithviMAE:
-    """The Prithvi MAE around ``backbone`` with the decoder sizes in ``hparams``."""
-    if not isinstance(backbone, PrithviViT):
-        raise UserInputError(f"{purpose} needs a Prithvi backbone, not {type(backbone).__name__}")
-    return PrithviMAE(backbone, hparams.decoder_dim, hparams.decoder_depth, hparams.decoder_heads)
 
 
 def hidden_patch_mse(pred: Tensor, target: Tensor, keep: Tensor) -> Tensor:
@@ -66,24 +58,19 @@ class MAEPretrainTask(BaseTask):
         """
         if not 0.0 < mask_ratio < 1.0:
             raise UserInputError(f"model.mask_ratio {mask_ratio} must be in (0, 1), e.g. 0.75")
-        super().__init__(**kwargs)
         self.mask_ratio = mask_ratio
-        self.setup_model()
+        super().__init__(**kwargs)
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return build_mae(backbone, self.hparams, "MAE pretraining")
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """MSE of the reconstructed hidden patches of ``image``; no metrics."""
         coords = self.backbone_inputs(batch)
         pred, keep, _ = self.model(batch["image"], mask_ratio=self.mask_ratio, **coords)
         target = patch_targets(batch["image"], self.model.backbone.patch_size, self.hparams.norm_pix_loss)
-        loss = hidden_patch_mse(pred, target, keep)
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=pred.shape[0])
-        return loss
+        return StepOutput(hidden_patch_mse(pred, target, keep))
 
-    def export(self, out_dir: str | Path) -> dict[str, str]:
-        from workbench.export import save_tensors
-
-        path = Path(out_dir) / "encoder.safetensors"
-        save_tensors(self.model.encoder_state_dict(), path)
-        return {"encoder": str(path)}
+    def export_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """``encoder``: the encoder (and MAE decoder) in the official Prithvi MAE layout."""
+        return {"encoder": self.model.encoder_state_dict()}

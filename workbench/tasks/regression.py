@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+from torch import Tensor
 
-from workbench.errors import UserInputError
-from workbench.tasks.dense import DenseTask
-
-LOSSES = {"mse": nn.MSELoss, "l1": nn.L1Loss, "huber": nn.HuberLoss}
+from workbench.tasks.base import StepOutput
+from workbench.tasks.dense import DenseTask, PixelOutput
+from workbench.tasks.targets import RegressionTargets, check_target_std
 
 
-class RegressionTask(DenseTask):
+class RegressionTask(RegressionTargets, DenseTask):
     """Backbone → neck → decoder → 1-channel head, trained on normalized targets.
 
     Batches also hold ``target`` ``(B, H, W)`` float32 with NaN where there is no label
@@ -22,7 +20,7 @@ class RegressionTask(DenseTask):
     are in target units.
     """
 
-    output_kind = "values"
+    output_kind = PixelOutput.VALUES
 
     def __init__(
         self,
@@ -40,31 +38,19 @@ class RegressionTask(DenseTask):
             loss: ``mse``, ``l1`` or ``huber`` (on normalized targets).
             **kwargs: :class:`DenseTask` and :class:`BaseTask` arguments.
         """
-        if target_std <= 0:
-            raise UserInputError(f"model.target_std must be positive, got {target_std}")
-        self.target_mean, self.target_std = target_mean, target_std
+        check_target_std(target_std)
         self.output_names = [target_name]
         super().__init__(num_outputs=1, **kwargs)
-        self.loss = LOSSES[loss]()
+        self.register_target_normalization(target_mean, target_std, persistent=False)  # always from the config
 
-    def metrics(self, stage: str) -> MetricCollection:
-        return MetricCollection(
-            {"RMSE": MeanSquaredError(squared=False), "MAE": MeanAbsoluteError(), "R2": R2Score()},
-            prefix=f"{stage}/",
-        )
-
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Predictions ``(B, H, W)`` against ``target`` ``(B, H, W)``, scored where labelled."""
         pred = self.forward_batch(batch)[:, 0]
         target = batch["target"]
         labelled = target.isfinite()
-        normalized = (target[labelled] - self.target_mean) / self.target_std
-        loss = self.loss(pred[labelled], normalized) if labelled.any() else pred.sum() * 0.0
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=pred.shape[0])
-        if labelled.any():
-            values = pred[labelled].detach() * self.target_std + self.target_mean
-            getattr(self, f"{stage}_metrics").update(values, target[labelled])
-        return loss
+        loss = self.loss(pred[labelled], self.normalized(target[labelled])) if labelled.any() else pred.sum() * 0.0
+        return StepOutput(loss, self.in_target_units(pred), target, scored=labelled)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Predicted values in target units ``(B, 1, H, W)``."""
-        return self.forward_batch(batch) * self.target_std + self.target_mean
+        return self.in_target_units(self.forward_batch(batch))

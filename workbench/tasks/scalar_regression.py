@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
-from workbench.errors import UserInputError
 from workbench.model import EncoderClassifier
-from workbench.tasks.base import BaseTask
-from workbench.tasks.regression import LOSSES
+from workbench.tasks.base import BaseTask, ModelInput, StepOutput
+from workbench.tasks.targets import RegressionTargets, check_target_std
 
 
-class ScalarRegressionTask(BaseTask):
+class ScalarRegressionTask(RegressionTargets, BaseTask):
     """Backbone → global average pool → linear → one value; batches hold ``target`` ``(B,)``.
 
     The model predicts ``(target - target_mean) / target_std``; when these are not given, they
     are taken from the datamodule's ``target_stats()`` (training targets) at the start of fit and
-    saved with the checkpoint. Metrics RMSE, MAE and R² are in target units.
+    saved with the checkpoint. Metrics RMSE, MAE and R² are in target units. The input is the
+    batch's ``image``, ``series`` or ``points``, whichever the datamodule gives.
     """
+
+    inputs = tuple(ModelInput)
 
     def __init__(
         self,
@@ -40,40 +40,23 @@ class ScalarRegressionTask(BaseTask):
             head_dropout: dropout before the linear layer.
             **kwargs: :class:`BaseTask` arguments (backbone, strategy, optimizer, ...).
         """
-        if target_std is not None and target_std <= 0:
-            raise UserInputError(f"model.target_std must be positive, got {target_std}")
+        check_target_std(target_std)
         super().__init__(**kwargs)
-        self.setup_model()
-        self.loss = LOSSES[loss]()
-        self.register_buffer("target_mean", torch.tensor(target_mean if target_mean is not None else float("nan")))
-        self.register_buffer("target_std", torch.tensor(target_std if target_std is not None else float("nan")))
+        self.register_target_normalization(target_mean, target_std, persistent=True)  # may come from the data
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return EncoderClassifier(backbone, 1, self.hparams.head_dropout)
 
-    def metrics(self, stage: str) -> MetricCollection:
-        return MetricCollection(
-            {"RMSE": MeanSquaredError(squared=False), "MAE": MeanAbsoluteError(), "R2": R2Score()}, prefix=f"{stage}/"
-        )
-
     def on_fit_start(self) -> None:
-        if self.target_mean.isnan() or self.target_std.isnan():
-            stats = getattr(self.trainer.datamodule, "target_stats", None)
-            if stats is None:
-                raise UserInputError("set model.init_args.target_mean and target_std (the datamodule has no target_stats)")
-            mean, std = stats()
-            self.target_mean.fill_(mean if self.hparams.target_mean is None else self.hparams.target_mean)
-            self.target_std.fill_(std if self.hparams.target_std is None else self.hparams.target_std)
+        self.fill_target_stats(self.trainer.datamodule)
         super().on_fit_start()
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Predictions ``(B,)`` against ``target`` ``(B,)``."""
         pred = self.forward_batch(batch)[:, 0]
         target = batch["target"].float()
-        loss = self.loss(pred, (target - self.target_mean) / self.target_std)
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=pred.shape[0])
-        getattr(self, f"{stage}_metrics").update(pred.detach() * self.target_std + self.target_mean, target)
-        return loss
+        return StepOutput(self.loss(pred, self.normalized(target)), self.in_target_units(pred), target)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Predicted values ``(B,)`` in target units."""
-        return self.forward_batch(batch)[:, 0] * self.target_std + self.target_mean
+        return self.in_target_units(self.forward_batch(batch)[:, 0])

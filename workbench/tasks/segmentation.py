@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import ClasswiseWrapper, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassF1Score,
@@ -14,7 +14,8 @@ from torchmetrics.classification import (
 )
 
 from workbench.errors import UserInputError
-from workbench.tasks.dense import DenseTask
+from workbench.tasks.base import StepOutput
+from workbench.tasks.dense import DenseTask, PixelOutput
 
 
 class SegmentationTask(DenseTask):
@@ -24,7 +25,7 @@ class SegmentationTask(DenseTask):
     loss, per-class IoU, mIoU, macro F1 and accuracy as ``{train,val,test}/<name>``.
     """
 
-    output_kind = "classes"
+    output_kind = PixelOutput.CLASSES
 
     def __init__(
         self,
@@ -58,35 +59,25 @@ class SegmentationTask(DenseTask):
         self.class_names = self.output_names = names
         self.ignore_index = ignore_index
         super().__init__(num_outputs=num_classes, **kwargs)
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.loss = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
 
-    def metrics(self, stage: str) -> MetricCollection:
+    def configure_losses(self) -> None:
+        weights = self.hparams.class_weights
+        weight = torch.tensor(weights, dtype=torch.float32) if weights else None
+        self.loss = nn.CrossEntropyLoss(weight=weight, ignore_index=self.ignore_index)
+
+    def metrics(self) -> MetricCollection:
         common = {"num_classes": self.num_classes, "ignore_index": self.ignore_index}
-        return MetricCollection(
-            {
-                "IoU": MulticlassJaccardIndex(average="none", **common),
-                "mIoU": MulticlassJaccardIndex(average="macro", **common),
-                "F1": MulticlassF1Score(average="macro", **common),
-                "accuracy": MulticlassAccuracy(average="micro", **common),
-            },
-            prefix=f"{stage}/",
-        )
+        return MetricCollection({
+            "IoU": ClasswiseWrapper(MulticlassJaccardIndex(average="none", **common), self.class_names, prefix="IoU_"),
+            "mIoU": MulticlassJaccardIndex(average="macro", **common),
+            "F1": MulticlassF1Score(average="macro", **common),
+            "accuracy": MulticlassAccuracy(average="micro", **common),
+        })
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Logits ``(B, K, H, W)`` against ``mask`` ``(B, H, W)``; the metrics take the argmax."""
         logits = self.forward_batch(batch)
-        loss = self.loss(logits, batch["mask"])
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
-        getattr(self, f"{stage}_metrics").update(logits.argmax(1), batch["mask"])
-        return loss
-
-    def _log_metrics(self, stage: str) -> None:
-        metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
-        per_class = values.pop(f"{stage}/IoU")
-        values.update({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)})
-        self.log_dict(values, prog_bar=stage != "train")
-        metrics.reset()
+        return StepOutput(self.loss(logits, batch["mask"]), logits.argmax(1), batch["mask"])
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities ``(B, num_classes, H, W)``."""

@@ -11,7 +11,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.model import SeriesReconstructor
-from workbench.tasks.base import BaseTask
+from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 
 def sample_gaps(shape: torch.Size, ratio: float, span: int, generator: torch.Generator | None = None) -> Tensor:
@@ -35,6 +35,8 @@ class SeriesImputationTask(BaseTask):
     units: MSE and MAE, beside ``mean_fill_MAE`` (filling with each channel's observed mean).
     """
 
+    inputs = (ModelInput.SERIES,)
+
     def __init__(
         self,
         mask_ratio: float = 0.3,
@@ -52,13 +54,12 @@ class SeriesImputationTask(BaseTask):
         if not 0.0 < mask_ratio < 1.0 or span < 1:
             raise UserInputError(f"model.mask_ratio ({mask_ratio}) must be in (0, 1) and span ({span}) >= 1")
         super().__init__(**kwargs)
-        self.setup_model()
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return SeriesReconstructor(backbone, self.hparams.head_dropout)
 
-    def metrics(self, stage: str) -> MetricCollection:
-        return MetricCollection({"MSE": MeanSquaredError(), "MAE": MeanAbsoluteError()}, prefix=f"{stage}/")
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"MSE": MeanSquaredError(), "MAE": MeanAbsoluteError()})
 
     def gaps(self, series: Tensor, stage: str) -> Tensor:
         """Observed mask for ``series``: random in training, seeded by batch index otherwise."""
@@ -66,19 +67,16 @@ class SeriesImputationTask(BaseTask):
         hp = self.hparams
         return sample_gaps(series.shape, hp.mask_ratio, hp.span, generator).to(series.device)
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_step(self, batch: dict[str, Tensor], stage: str) -> StepOutput:
+        """Reconstructions against ``series`` ``(B, M, L)`` on the gap steps, beside the mean fill's MAE."""
         series = batch["series"]
         observed = self.gaps(series, stage).expand_as(series)
         pred = self.model(series, observed)
         _, mean, std = instance_normalize(series, observed)
         gap = ~observed
         loss = ((pred - series) / std)[gap].square().mean()
-        size = series.shape[0]
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log(f"{stage}/mean_fill_MAE", (mean.expand_as(series) - series)[gap].abs().mean(), on_epoch=True,
-                 batch_size=size)
-        getattr(self, f"{stage}_metrics").update(pred.detach()[gap], series[gap])
-        return loss
+        mean_fill_mae = (mean.expand_as(series) - series)[gap].abs().mean()
+        return StepOutput(loss, pred, series, scored=gap, logs={"mean_fill_MAE": mean_fill_mae})
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Series ``(B, M, L)`` with NaN steps filled (``observed`` = finite steps)."""
