@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from timm.models import generate_default_cfgs
-from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from backbones.factory import load_checked, register_backbone, select_prefix
@@ -25,15 +25,39 @@ MODIS_TOA_BANDS = tuple(f"MODIS_{b}" for b in (1, 2, 3, 26, 6, 20, 7, 27, 28, 29
 """The 14 MODIS bands of SatVision-TOA (reflective 1, 2, 3, 26, 6, 7 and emissive bands)."""
 
 
+class ExtraNormBlock(SwinTransformerV2Block):
+    """timm's SwinV2 block followed by the extra post-norm ``norm3`` that SwinV2-G (and so the
+    SatVision-TOA giant) puts after every ``extra_norm_period``-th block of a stage: ``(B, H, W, C)``
+    → ``(B, H, W, C)``."""
+
+    norm3: nn.LayerNorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm3(super().forward(x))
+
+
+def add_extra_norms(model: SwinTransformerV2, period: int) -> None:
+    """Give blocks ``period - 1``, ``2 period - 1``, ... of every stage their ``norm3`` (official
+    key ``layers.<s>.blocks.<i>.norm3``): those blocks become :class:`ExtraNormBlock` in place,
+    so every other weight keeps its name."""
+    for stage in model.layers:
+        for index, block in enumerate(stage.blocks):
+            if (index + 1) % period == 0:
+                block.__class__ = ExtraNormBlock
+                block.norm3 = nn.LayerNorm(block.norm2.normalized_shape)
+
+
 class SatVisionSwinV2(nn.Module):
     """SwinV2 encoder → one ``(B, C_i, H/r_i, W/r_i)`` map per stage (``C_i = embed_dim · 2^i``,
     ``r_i = patch · 2^i``), the last through the final norm. Input ``(B, C, H, W)``, H and W a
-    multiple of ``patch_size · window_size · 2^(stages-1)``."""
+    multiple of ``patch_size · window_size · 2^(stages-1)``. ``extra_norm_period`` (SatVision's
+    ``NORM_PERIOD``: 6 for the giant, 0 for none) adds SwinV2-G's post-norm after every that-many
+    blocks of a stage."""
 
     def __init__(self, img_size: int = 128, patch_size: int = 4, in_chans: int = len(MODIS_TOA_BANDS),
                  embed_dim: int = 512, depths: tuple[int, ...] = (2, 2, 42, 2),
                  num_heads: tuple[int, ...] = (16, 32, 64, 128), window_size: int = 8,
-                 drop_path_rate: float = 0.1, bands: list[str] | None = None) -> None:
+                 drop_path_rate: float = 0.1, extra_norm_period: int = 0, bands: list[str] | None = None) -> None:
         super().__init__()
         if bands is not None:
             in_chans = len(bands)
@@ -42,6 +66,8 @@ class SatVisionSwinV2(nn.Module):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depths=depths,
             num_heads=num_heads, window_size=window_size, drop_path_rate=drop_path_rate, num_classes=0,
         ))
+        if extra_norm_period:
+            add_extra_norms(self.model, extra_norm_period)
         self.feature_info = [
             {"num_chs": embed_dim * 2**i, "reduction": patch_size * 2**i, "module": f"layers.{i}"}
             for i in range(len(depths))
@@ -103,7 +129,7 @@ default_cfgs = generate_default_cfgs({
 })
 register_backbone(SatVisionSwinV2, "satvision_toa_giant", load_satvision,
                   "SatVision-TOA giant: SwinV2-G, 14 MODIS TOA bands, 128 px, patch 4, window 8.",
-                  embed_dim=512, depths=(2, 2, 42, 2), num_heads=(16, 32, 64, 128))
+                  embed_dim=512, depths=(2, 2, 42, 2), num_heads=(16, 32, 64, 128), extra_norm_period=6)
 register_backbone(SatVisionSwinV2, "satvision_toa_tiny", load_satvision,
                   "A small SwinV2 in the SatVision-TOA layout (for tests and CPU demos).",
                   embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))

@@ -24,21 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from backbones.builder import create_backbone
-from workbench.errors import UserInputError
 
 MANIFESTS = sorted((Path(__file__).parent / "manifests").glob("*.json"))
-KNOWN_GAPS = {
-    "satvision_toa_giant": "the official SwinV2-G (NORM_PERIOD 6) has an extra post-norm after every 6th block of "
-                           "stage 3 (encoder.layers.2.blocks.{5,11,...,41}.norm3); timm's SwinTransformerV2, which "
-                           "backbones/satvision.py builds, has none, so the official file is rejected",
-}
-
-
-def manifest_params() -> list:
-    """One pytest param per manifest; known loader gaps are strict expected failures."""
-    return [pytest.param(path, id=path.stem, marks=[pytest.mark.xfail(raises=UserInputError, strict=True,
-                                                                      reason=KNOWN_GAPS[path.stem])]
-                         if path.stem in KNOWN_GAPS else []) for path in MANIFESTS]
 
 
 def official_state(manifest: dict[str, Any], real: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -73,7 +60,7 @@ def meta_backbone(name: str, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
         return create_backbone(name)
 
 
-@pytest.mark.parametrize("manifest_path", manifest_params())
+@pytest.mark.parametrize("manifest_path", MANIFESTS, ids=[path.stem for path in MANIFESTS])
 def test_official_checkpoint_loads_into_the_right_parameters(manifest_path: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = json.loads(manifest_path.read_text())

@@ -69,6 +69,24 @@ def test_official_satvision_checkpoint_loads_exactly(tmp_path: Path) -> None:
         load_satvision(wrong, tmp_path / "satvision.pt")
 
 
+def test_extra_norm_period_adds_swinv2g_post_norms_after_every_nth_block() -> None:
+    """SatVision-TOA giant's NORM_PERIOD 6: ``norm3`` after blocks 5, 11, ... of a stage (official
+    keys ``layers.<s>.blocks.<i>.norm3``); such a block's output is its plain output, normalised."""
+    torch.manual_seed(0)
+    plain = SatVisionSwinV2(**{**TINY_SWIN, "depths": (2, 2, 6, 2)})
+    torch.manual_seed(0)
+    normed = SatVisionSwinV2(**{**TINY_SWIN, "depths": (2, 2, 6, 2)}, extra_norm_period=3)
+    assert sorted(k for k in normed.state_dict() if "norm3" in k) == [
+        f"model.layers.2.blocks.{i}.norm3.{p}" for i in (2, 5) for p in ("bias", "weight")]
+    assert set(normed.state_dict()) - set(plain.state_dict()) == {k for k in normed.state_dict() if "norm3" in k}
+    tokens = torch.randn(2, 4, 4, 128)
+    block, reference = normed.model.layers[2].blocks[2], plain.model.layers[2].blocks[2]
+    nn.init.normal_(block.norm3.weight)
+    block.load_state_dict(reference.state_dict(), strict=False)
+    torch.testing.assert_close(block(tokens), block.norm3(reference(tokens)))
+    assert not torch.allclose(block(tokens), reference(tokens))
+
+
 def lora_count(backbone: nn.Module, rank: int) -> int:
     return sum(rank * (m.in_features + m.out_features) for n, m in backbone.named_modules()
                if isinstance(m, nn.Linear) and n.endswith(("attn.qkv", "attn.proj")))
