@@ -13,15 +13,26 @@ from datamodules.regression import GeoRegressionDataModule
 from datamodules.samples import Sentinel2CoastDataModule, Sentinel2SwirDataModule, Sentinel2WaterDataModule
 from datamodules.segmentation import GeoSegmentationDataModule
 from datamodules.series import ForecastingDataModule, UCRDataModule
+from datamodules.weather import (
+    DownscalingDataModule,
+    ERA5EnsembleForecastDataModule,
+    EuropeT2mDownscalingDataModule,
+    GriddedWeatherDataModule,
+    WeatherForecastDataModule,
+)
 
 __all__ = [
     "AnimalSoundsDataModule",
     "AudioFolderDataModule",
     "ClassifiedLasDataModule",
+    "DownscalingDataModule",
+    "ERA5EnsembleForecastDataModule",
+    "EuropeT2mDownscalingDataModule",
     "ForecastingDataModule",
     "GeoClassificationDataModule",
     "GeoRegressionDataModule",
     "GeoSegmentationDataModule",
+    "GriddedWeatherDataModule",
     "Landsat8CloudDataModule",
     "PointClassificationDataModule",
     "PointSegmentationDataModule",
@@ -29,4 +40,5 @@ __all__ = [
     "Sentinel2SwirDataModule",
     "Sentinel2WaterDataModule",
     "UCRDataModule",
+    "WeatherForecastDataModule",
 ]

@@ -115,7 +115,8 @@ class PointSamples(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         cloud = self.sets[index]
-        rng = np.random.default_rng(None if self.train else index)
+        # training draws follow torch's generator (seeded by the run's seed, per loader worker), so runs repeat
+        rng = np.random.default_rng(int(torch.randint(2**62, ())) if self.train else index)
         pick = sample_indices(len(cloud.xyz), self.num_points, rng)
         scale = self.scale[index] if isinstance(self.scale, np.ndarray) else self.scale
         xyz = (cloud.xyz[pick] - self.centers[index]) / scale

@@ -77,6 +77,13 @@ def test_tiles_split_without_shared_points(tmp_path: Path) -> None:
     assert sample["points"].shape == (256, 4) and sample["mask"].shape == (256,)
     assert sample["points"][:, :2].abs().max() <= 1.0  # xy scaled into the tile
     torch.testing.assert_close(dm.dataset("val")[0]["points"], sample["points"])  # fixed eval draw
+    train = dm.dataset("train")
+    draws = []
+    for seed in (0, 0, 1):  # training draws: new each time, but repeated by the run's seed
+        torch.manual_seed(seed)
+        draws.append(torch.stack([train[0]["points"], train[0]["points"]]))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0][0], draws[0][1])
+    assert not torch.equal(draws[0], draws[2])
 
 
 def test_point_classification_folders(tmp_path: Path) -> None:

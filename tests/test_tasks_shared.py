@@ -20,7 +20,7 @@ from workbench.tasks import MAEPretrainTask, RegressionTask, ScalarRegressionTas
 from workbench.tasks.base import ModelInput, model_input
 
 TASKS = Path(__file__).parents[1] / "workbench" / "tasks"
-HELPERS = {"base", "dense", "gaps", "mae", "targets"}  # the modules of tasks/ that define no task
+HELPERS = {"base", "dense", "field_scores", "gaps", "mae", "targets"}  # the modules of tasks/ that define no task
 TINY_PATCHTST = {"context_length": 48, "patch_len": 8, "stride": 4}
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
 
 log = logging.getLogger(__name__)
-CONTAINER_KEYS = ("state_dict", "model", "module", "base_model")  # official files nest their weights so
+CONTAINER_KEYS = ("state_dict", "model_state", "model", "module", "base_model")  # official files nest weights so
 
 
 def read_file(path: str | Path, what: str = "checkpoint") -> Any:
@@ -52,8 +52,8 @@ def read_file(path: str | Path, what: str = "checkpoint") -> Any:
 
 
 def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Tensor]:
-    """The tensors of a weight file, unwrapped from ``state_dict`` / ``model`` / ``module`` /
-    ``base_model`` containers."""
+    """The tensors of a weight file, unwrapped from ``state_dict`` / ``model_state`` / ``model`` /
+    ``module`` / ``base_model`` containers."""
     state = read_file(path, what)
     for key in CONTAINER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):

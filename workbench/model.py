@@ -203,3 +203,32 @@ class PointSegmenter(BackboneModel):
 
     def forward(self, points: Tensor) -> Tensor:
         return self.head(self.features(points), self.backbone.centers(points), points)
+
+
+FIELD_INPUTS = ("x", "static", "input_time", "lead_time", "climate")
+"""The batch entries a gridded-weather backbone (Prithvi WxC) reads."""
+
+
+class FieldForecaster(BackboneModel):
+    """Gridded fields at the input times ``x`` ``(B, T, C, H, W)`` (with ``static`` ``(B, S, H, W)``,
+    ``input_time`` and ``lead_time`` ``(B,)`` hours, ``climate`` ``(B, C, H, W)``) → the fields
+    ``lead_time`` later ``(B, C, H, W)``: the backbone is the whole forecaster."""
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.backbone({key: batch[key] for key in FIELD_INPUTS if key in batch})
+
+
+class FieldDownscaler(BackboneModel):
+    """Coarse fields ``(B, C, h, w)`` → fine fields ``(B, C, factor·h, factor·w)``: bicubic
+    interpolation plus the backbone's correction, which reads the interpolated fields as one
+    input time (with ``static`` ``(B, S, H, W)`` at the fine grid, zero input and lead time)."""
+
+    def __init__(self, backbone: nn.Module, factor: int) -> None:
+        super().__init__(backbone)
+        self.factor = factor
+
+    def forward(self, coarse: Tensor, static: Tensor) -> Tensor:
+        interpolated = F.interpolate(coarse, scale_factor=self.factor, mode="bicubic", align_corners=False)
+        hours = coarse.new_zeros(len(coarse))
+        batch = {"x": interpolated[:, None], "static": static, "input_time": hours, "lead_time": hours}
+        return interpolated + self.backbone(batch)

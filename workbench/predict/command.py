@@ -13,8 +13,10 @@ from datamodules.scenes import SceneSource
 from workbench.checkpoints import load_lightning_weights, read_lightning_checkpoint
 from workbench.config import config_parser
 from workbench.errors import UserInputError
+from workbench.predict.fields import predict_fields
 from workbench.predict.tiled import TiledPredictor
 from workbench.tasks.dense import PixelPredictor
+from workbench.tasks.weather import FieldUnits
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 
@@ -86,8 +88,11 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     parser.add_argument("--ckpt_path", type=str | None, default=None,
                         help="checkpoint written by `workbench fit`; omitted: the model as the config builds it, "
                              "which needs model.pretrained weights that include the task layers (zero-shot)")
-    parser.add_argument("--inputs", type=str, nargs="+", required=True,
-                        help="GeoTIFF files, globs or folders; `a.tif,b.tif` = one scene, one file per frame")
+    parser.add_argument("--inputs", type=str | None, nargs="+", default=None,
+                        help="GeoTIFF files, globs or folders; `a.tif,b.tif` = one scene, one file per frame "
+                             "(gridded weather tasks predict their datamodule's test split instead)")
+    parser.add_argument("--rollout_steps", type=int, default=1,
+                        help="weather forecasts: autoregressive steps (each lead_time long) written per sample")
     parser.add_argument("--output_dir", type=str, default="predictions", help="folder for the outputs")
     parser.add_argument("--window", type=int | None, default=None, help="window size (default: chip size or 224)")
     parser.add_argument("--overlap", type=int | None, default=None, help="overlap in pixels (default: window/4)")
@@ -96,15 +101,19 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     parser.add_argument("--quicklook", type=bool, default=True, help="write a PNG quicklook per scene")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     cfg = parser.parse_args(args)
-    scenes = expand_inputs(cfg.inputs)
     init = parser.instantiate_classes(cfg)
     data, task = init.data, init.model
-    if not isinstance(task, PixelPredictor):
+    gridded = isinstance(task, FieldUnits)
+    if gridded and cfg.inputs:
+        raise UserInputError("--inputs: gridded weather tasks predict the test split of the config's datamodule; "
+                             "point data.path at the files to predict instead")
+    if not gridded and not cfg.inputs:
+        raise UserInputError("--inputs: give the GeoTIFF scenes to map (files, globs or folders)")
+    if not (gridded or isinstance(task, PixelPredictor)):
         raise UserInputError(
             f"workbench predict maps per-pixel tasks (SegmentationTask, RegressionTask); the config's model is "
             f"{type(task).__name__}: evaluate it with `workbench test --config ... --ckpt_path ...` instead."
         )
-    source = scene_source(data)
     data.prepare_data()
     if cfg.ckpt_path is not None:
         load_lightning_weights(task, read_lightning_checkpoint(cfg.ckpt_path, "--ckpt_path"), cfg.ckpt_path, "--ckpt_path")
@@ -117,6 +126,12 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     rank, world, local_rank = process_rank()
     auto = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = auto if cfg.device == "auto" else cfg.device
+    if gridded:
+        written = predict_fields(task, data, Path(cfg.output_dir), cfg.rollout_steps, device)
+        print(f"workbench: {', '.join(str(p) for p in written.values())}")
+        return {"fields": written}
+    scenes = expand_inputs(cfg.inputs)
+    source = scene_source(data)
     window = cfg.window or source.chip_size or 224
     overlap = cfg.overlap if cfg.overlap is not None else window // 4
     predictor = TiledPredictor(

@@ -10,9 +10,10 @@ from workbench.tasks.regression import RegressionTask
 from workbench.tasks.scalar_regression import ScalarRegressionTask
 from workbench.tasks.segmentation import SegmentationTask
 from workbench.tasks.series_imputation import SeriesImputationTask
+from workbench.tasks.weather import DownscalingTask, WeatherForecastTask
 
 __all__ = [
-    "BaseTask", "ClassificationTask", "ForecastingTask", "ImputationTask", "MAEPretrainTask", "PointSegmentationTask",
-    "RegressionTask",
-    "ScalarRegressionTask", "SegmentationTask", "SeriesImputationTask",
+    "BaseTask", "ClassificationTask", "DownscalingTask", "ForecastingTask", "ImputationTask", "MAEPretrainTask",
+    "PointSegmentationTask", "RegressionTask", "ScalarRegressionTask", "SegmentationTask", "SeriesImputationTask",
+    "WeatherForecastTask",
 ]

@@ -30,6 +30,8 @@ class ModelInput(StrEnum):
     IMAGE = "image"  # rasters and spectrograms (B, C, [T,] H, W)
     SERIES = "series"  # time series (B, M, L)
     POINTS = "points"  # point clouds (B, N, 3 + F)
+    FIELDS = "x"  # gridded weather fields at the input times (B, T, C, H, W)
+    COARSE_FIELDS = "coarse"  # coarse gridded fields to downscale (B, C, h, w)
 
 
 def model_input(batch: dict[str, Tensor], accepted: tuple[ModelInput, ...] = tuple(ModelInput)) -> Tensor:
@@ -49,7 +51,9 @@ class StepOutput:
 
     ``preds`` and ``target`` are the metric inputs (``preds`` detached by the shared step);
     ``scored`` selects the elements scored (None: all); ``logs`` are further values logged as
-    ``<stage>/<name>`` (reference scores such as a naive forecast's error).
+    ``<stage>/<name>`` (reference scores such as a naive forecast's error); ``extras`` are further
+    inputs of a task's own :meth:`~BaseTask.update_metrics`: baseline predictions of the same
+    target (persistence, bicubic, ...), weights, climatology.
     """
 
     loss: Tensor
@@ -57,6 +61,7 @@ class StepOutput:
     target: Tensor | None = None
     scored: Tensor | None = None
     logs: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class BaseTask(LightningModule):
@@ -135,6 +140,10 @@ class BaseTask(LightningModule):
         self.model = self.build_model(encoder)
         self.strategy_report: StrategyReport = self.strategy.apply(self.model)
         log.info("%s", self.strategy_report)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise UserInputError(f"model.strategy {self.strategy.name} leaves nothing to train in "
+                                 f"{type(self.model).__name__} (the backbone is the whole model, no head): "
+                                 "choose full or a PEFT method")
 
     def configure_losses(self) -> None:
         """Set the task's loss module(s); the default: none (the loss is computed in the step)."""
