@@ -225,8 +225,27 @@ def test_cached_frozen_fit_matches_uncached(tmp_path: Path, capsys: pytest.Captu
     assert "augment: false" in capsys.readouterr().err
 
 
-def test_eva_fit_initialises_from_training_batches(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    strategy = {"class_path": "workbench.strategies.LoRA", "init_args": {"rank": 4, "init": "eva", "eva_batches": 2}}
+def test_corda_adapters_come_from_the_inputs_and_keep_the_output() -> None:
+    """CorDA: adapters and residual base weights from the layers' input covariance; the adapted
+    model starts equal to the original, with the same trainable parameters as plain LoRA."""
+    plain, model = tiny().eval(), tiny(LoRA(rank=4, init="corda")).eval()
+    qkv = model.backbone.blocks[0].attn.qkv
+    default_a, base = qkv.lora_A["default"].weight.clone(), qkv.base_layer.weight.clone()
+    image = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        LoRA(rank=4, init="corda").initialize(model, [torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(i))
+                                                      for i in range(2)])
+        torch.testing.assert_close(model.backbone.forward_features(image), plain.backbone.forward_features(image),
+                                   atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(qkv.lora_A["default"].weight, default_a) and qkv.lora_B["default"].weight.abs().sum() > 0
+    assert not torch.allclose(qkv.base_layer.weight, base)  # the residual W − s·BA stays frozen in the base
+    assert sum(p.numel() for p in model.backbone.parameters() if p.requires_grad) == EXPECTED_BACKBONE_TRAINABLE["lora"]
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_data_driven_lora_fit_initialises_from_training_batches(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                init: str) -> None:
+    strategy = {"class_path": "workbench.strategies.LoRA", "init_args": {"rank": 4, "init": init, "eva_batches": 2}}
     config = write_config(tmp_path, model={"strategy": strategy}, trainer={"max_epochs": 1})
     capsys.readouterr()
     assert main(["fit", "--config", str(config), "--test_after_fit", "false"]) == 0

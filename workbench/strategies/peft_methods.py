@@ -13,6 +13,8 @@ while merging (``merge_and_unload``) and EVA initialisation go through peft itse
 from __future__ import annotations
 
 import copy
+import dataclasses
+from typing import Literal
 
 import torch
 from peft import (
@@ -28,6 +30,8 @@ from peft import (
     VeraConfig,
     initialize_lora_eva_weights,
 )
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import Tensor, nn
 
@@ -83,7 +87,7 @@ class PeftStrategy(Strategy):
         return plain
 
 
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "corda")
 
 
 class LoRA(PeftStrategy):
@@ -91,9 +95,14 @@ class LoRA(PeftStrategy):
 
     ``init``: ``default`` (A random, B zero), ``gaussian``, ``pissa`` (principal singular
     vectors; moves them out of the frozen base weights, so adapter-only exports need the
-    PiSSA-modified base; ``pissa_niter_4`` etc. for fast randomized SVD), ``olora``, or ``eva``
+    PiSSA-modified base; ``pissa_niter_4`` etc. for fast randomized SVD), ``olora``, ``eva``
     (data-driven: SVD of the layers' inputs over a few training batches; ranks stay uniform so
-    checkpoints load into the model the config builds).
+    checkpoints load into the model the config builds) or ``corda`` (CorDA, Yang et al. 2024,
+    arXiv:2406.05223: each weight is decomposed by the covariance of its inputs over a few
+    training batches; ``corda_method: ipm`` puts the leading components in the adapters for fast
+    adaptation, ``kpm`` the trailing ones to preserve what the model knows; the residual stays in
+    the frozen base weights, so the adapted model starts equal to the original, and adapter-only
+    exports need the CorDA-modified base, as with PiSSA).
     """
 
     name = "lora"
@@ -107,6 +116,7 @@ class LoRA(PeftStrategy):
         use_dora: bool = False,
         init: str = "default",
         eva_batches: int = 4,
+        corda_method: Literal["ipm", "kpm"] = "ipm",
     ) -> None:
         """
         Args:
@@ -117,7 +127,9 @@ class LoRA(PeftStrategy):
                 ``attn.qkv`` and ``attn.proj``.
             use_dora: DoRA (magnitude + direction) instead of plain LoRA.
             init: initialisation of the adapters (see the class docstring).
-            eva_batches: training batches the ``eva`` initialisation reads.
+            eva_batches: training batches the ``eva`` and ``corda`` initialisations read.
+            corda_method: ``ipm`` (instruction-previewed: leading components adapt) or ``kpm``
+                (knowledge-preserved: trailing components adapt).
         """
         if init.split("_niter_")[0] not in LORA_INITS:
             raise UserInputError(f"lora init {init!r} is not one of {', '.join(LORA_INITS)} (or pissa_niter_<n>).")
@@ -128,11 +140,13 @@ class LoRA(PeftStrategy):
         self.use_dora = use_dora
         self.init = init
         self.eva_batches = eva_batches
+        self.corda_method = corda_method
         self.name = "dora" if use_dora else "lora"
-        self.init_batches = eva_batches if init == "eva" else 0
+        self.init_batches = eva_batches if init in ("eva", "corda") else 0
 
     def peft_config(self) -> LoraConfig:
-        init = {"default": True, "gaussian": "gaussian"}.get(self.init, self.init)
+        # corda adapters are made from training batches by initialize(); until then, default ones
+        init = {"default": True, "gaussian": "gaussian", "corda": True}.get(self.init, self.init)
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -148,6 +162,8 @@ class LoRA(PeftStrategy):
         """EVA: set each ``lora_A`` to the top right-singular vectors of its layer's inputs
         ``(tokens, D)``, collected over ``batches`` with the adapters disabled (peft's
         ``initialize_lora_eva_weights``; ``rho=1`` keeps every layer at ``rank``)."""
+        if self.init == "corda":
+            self.initialize_corda(model.backbone, batches)
         if self.init != "eva":
             return
         initialize_lora_eva_weights(
@@ -158,6 +174,22 @@ class LoRA(PeftStrategy):
             prepare_layer_inputs_fn=lambda layer_input, _inputs, _name: layer_input[0].flatten(0, -2),
             show_progress_bar=False,
         )
+
+
+    def initialize_corda(self, backbone: nn.Module, batches: list[Tensor]) -> None:
+        """CorDA: on a plain copy of ``backbone``, peft's ``preprocess_corda`` collects each target
+        layer's input covariance over ``batches`` and builds the adapters and residual weights;
+        they are copied into ``backbone`` in place (the optimizer keeps its parameters)."""
+        plain = copy.deepcopy(backbone)
+        peft_copy: PeftModel = plain.peft_model
+        del plain.peft_model
+        peft_copy.unload()  # the copy without adapter layers, base weights untouched
+        config = dataclasses.replace(self.peft_config(), init_lora_weights="corda",
+                                     corda_config=CordaConfig(corda_method=self.corda_method))
+        samples = [one for images in batches for one in images.split(1)]  # peft's hooks take (tokens, D) inputs
+        preprocess_corda(plain, config, run_model=lambda: [plain.forward_features(one) for one in samples])
+        PeftModel(plain, config)  # CorDA adapters and residual base weights, in place in `plain`
+        backbone.load_state_dict(plain.state_dict())
 
 
 class _RankAlphaPeft(PeftStrategy):
