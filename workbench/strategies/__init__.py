@@ -9,12 +9,14 @@ baselines       :class:`Full`, :class:`Frozen`
 peft library    :class:`LoRA` (DoRA, PiSSA, EVA), :class:`LoHa`, :class:`LoKr`, :class:`IA3`,
                 :class:`VeRA`, :class:`OFT`, :class:`BOFT`
 selective       :class:`BitFit`, :class:`NormOnly`, :class:`HalfFineTuning`, :class:`LastBlocks`
-additive        :class:`SSF`, :class:`VPT`, :class:`AdaptFormer`
+additive        :class:`SSF`, :class:`VPT`, :class:`AdaptFormer`, :class:`BottleneckAdapter` (Houlsby,
+                Pfeiffer), :class:`Compacter`
 ==============  ===========================================================================
 """
 
 from workbench.strategies.adapters import AdaptFormer
 from workbench.strategies.base import Strategy, StrategyReport, count_parameters
+from workbench.strategies.bottleneck import BottleneckAdapter, Compacter
 from workbench.strategies.baselines import Frozen, Full
 from workbench.strategies.peft_methods import BOFT, IA3, OFT, LoHa, LoKr, LoRA, PeftStrategy, VeRA
 from workbench.strategies.prompts import VPT
@@ -25,13 +27,14 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
         Full, Frozen, LoRA, LoHa, LoKr, IA3, VeRA, OFT, BOFT,
-        BitFit, NormOnly, HalfFineTuning, LastBlocks, SSF, VPT, AdaptFormer,
+        BitFit, NormOnly, HalfFineTuning, LastBlocks, SSF, VPT, AdaptFormer, BottleneckAdapter, Compacter,
     )
 }  # fmt: skip
 """Short names (as in ``workbench compare --strategies lora ssf``) → strategy classes."""
 
 __all__ = [
-    "BOFT", "IA3", "OFT", "SSF", "STRATEGIES", "VPT", "AdaptFormer", "BitFit", "Frozen", "Full",
+    "BOFT", "IA3", "OFT", "SSF", "STRATEGIES", "VPT", "AdaptFormer", "BitFit", "BottleneckAdapter", "Compacter",
+    "Frozen", "Full",
     "HalfFineTuning", "LastBlocks", "LoHa", "LoKr", "LoRA", "NormOnly", "PeftStrategy", "Strategy",
     "StrategyReport", "VeRA", "count_parameters",
 ]  # fmt: skip

@@ -10,6 +10,15 @@ from workbench.strategies.base import Strategy
 from workbench.strategies.blocks import block_linears, transformer_blocks
 
 
+def bottleneck_projections(dim: int, bottleneck: int) -> tuple[nn.Linear, nn.Linear]:
+    """The two Linears of a bottleneck adapter: ``down`` ``D → m`` (default init) and ``up``
+    ``m → D``, all zeros, so that the adapter branch starts as zero."""
+    down, up = nn.Linear(dim, bottleneck), nn.Linear(bottleneck, dim)
+    nn.init.zeros_(up.weight)
+    nn.init.zeros_(up.bias)
+    return down, up
+
+
 class ParallelAdapter(nn.Module):
     """``mlp(x) + scale * up(dropout(relu(down(x))))``; ``up`` starts at zero, so the adapted
     block initially computes exactly what the pretrained block did."""
@@ -17,13 +26,10 @@ class ParallelAdapter(nn.Module):
     def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float, dropout: float) -> None:
         super().__init__()
         self.mlp = mlp
-        self.adapter_down = nn.Linear(dim, bottleneck)
-        self.adapter_up = nn.Linear(bottleneck, dim)
+        self.adapter_down, self.adapter_up = bottleneck_projections(dim, bottleneck)
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x) + self.scale * self.adapter_up(self.dropout(self.act(self.adapter_down(x))))
