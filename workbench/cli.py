@@ -23,7 +23,7 @@ commands:
   test       evaluate a checkpoint on the test split
   predict    map whole GeoTIFF scenes of any size with a trained checkpoint
   compare    fit one config under several strategies / training fractions / seeds; table + plots
-  merge      merged adapter exports, model soups, task arithmetic and TIES of checkpoints
+  merge      merged adapter exports, soups, task arithmetic, TIES, DARE, breadcrumbs, LiNeS, Fisher
   stats      compute per-band mean/std over the training split of a config's data
 
 Run `workbench <command> --help` for a command's options, and

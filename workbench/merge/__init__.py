@@ -1,5 +1,15 @@
-"""Merging fine-tuned weights: adapter folding, model soups, task arithmetic and TIES."""
+"""Merging fine-tuned weights: adapter folding, model soups, task arithmetic, TIES, DARE, Model
+Breadcrumbs, LiNeS and Fisher merging."""
 
-from workbench.merge.weights import greedy_soup, merge_task_vectors, trim, uniform_soup
+from workbench.merge.weights import (
+    breadcrumbs,
+    dare,
+    fisher_merge,
+    greedy_soup,
+    lines,
+    merge_task_vectors,
+    trim,
+    uniform_soup,
+)
 
-__all__ = ["greedy_soup", "merge_task_vectors", "trim", "uniform_soup"]
+__all__ = ["breadcrumbs", "dare", "fisher_merge", "greedy_soup", "lines", "merge_task_vectors", "trim", "uniform_soup"]
