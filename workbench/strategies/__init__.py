@@ -8,7 +8,7 @@ method allows) merged weights.
 baselines       :class:`Full`, :class:`Frozen`
 peft library    :class:`LoRA` (DoRA, PiSSA, EVA), :class:`LoHa`, :class:`LoKr`, :class:`IA3`,
                 :class:`VeRA`, :class:`OFT`, :class:`BOFT`
-selective       :class:`BitFit`, :class:`NormOnly`, :class:`HalfFineTuning`, :class:`LastBlocks`
+selective       :class:`BitFit`, :class:`NormOnly`, :class:`HalfFineTuning`, :class:`LastBlocks`, :class:`LISA`
 additive        :class:`SSF`, :class:`VPT`, :class:`AdaptFormer`, :class:`BottleneckAdapter` (Houlsby,
                 Pfeiffer), :class:`Compacter`
 ==============  ===========================================================================
@@ -20,14 +20,14 @@ from workbench.strategies.bottleneck import BottleneckAdapter, Compacter
 from workbench.strategies.baselines import Frozen, Full
 from workbench.strategies.peft_methods import BOFT, IA3, OFT, LoHa, LoKr, LoRA, PeftStrategy, VeRA
 from workbench.strategies.prompts import VPT
-from workbench.strategies.selective import BitFit, HalfFineTuning, LastBlocks, NormOnly
+from workbench.strategies.selective import LISA, BitFit, HalfFineTuning, LastBlocks, NormOnly
 from workbench.strategies.ssf import SSF
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
         Full, Frozen, LoRA, LoHa, LoKr, IA3, VeRA, OFT, BOFT,
-        BitFit, NormOnly, HalfFineTuning, LastBlocks, SSF, VPT, AdaptFormer, BottleneckAdapter, Compacter,
+        BitFit, NormOnly, HalfFineTuning, LastBlocks, LISA, SSF, VPT, AdaptFormer, BottleneckAdapter, Compacter,
     )
 }  # fmt: skip
 """Short names (as in ``workbench compare --strategies lora ssf``) → strategy classes."""
@@ -35,6 +35,6 @@ STRATEGIES: dict[str, type[Strategy]] = {
 __all__ = [
     "BOFT", "IA3", "OFT", "SSF", "STRATEGIES", "VPT", "AdaptFormer", "BitFit", "BottleneckAdapter", "Compacter",
     "Frozen", "Full",
-    "HalfFineTuning", "LastBlocks", "LoHa", "LoKr", "LoRA", "NormOnly", "PeftStrategy", "Strategy",
+    "LISA", "HalfFineTuning", "LastBlocks", "LoHa", "LoKr", "LoRA", "NormOnly", "PeftStrategy", "Strategy",
     "StrategyReport", "VeRA", "count_parameters",
 ]  # fmt: skip

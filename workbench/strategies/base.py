@@ -71,6 +71,10 @@ class Strategy:
         """Data-driven initialization from a few training images ``(B, C, [T,] H, W)``; most
         strategies need none. Called once before training starts (not when resuming)."""
 
+    def on_train_step(self, model: BackboneModel, step: int) -> None:
+        """Called before every training batch with the optimizer step count (LISA draws the
+        blocks that train); most strategies do nothing."""
+
     def merged(self, model: BackboneModel) -> BackboneModel:
         """A copy of ``model`` in the plain layout (adapters merged); the base copies as is."""
         return copy.deepcopy(model)

@@ -101,3 +101,42 @@ class HalfFineTuning(SelectiveStrategy):
                 linears = block_linears(block, part)
                 for _, linear in rng.sample(linears, max(1, len(linears) // 2)) if linears else []:
                     yield from linear.parameters()
+
+
+class LISA(Strategy):
+    """LISA, layerwise importance sampling (Pan et al. 2024, arXiv:2403.17919): the backbone's
+    parameters outside its blocks (embeddings, final norm) always train; of its transformer
+    blocks, a seeded random ``layers`` train at a time, drawn anew every ``interval`` optimizer
+    steps. Every backbone parameter is in the optimizer, but inactive blocks get no gradient, so
+    AdamW neither moves them nor keeps state for blocks never drawn. The strategy report counts
+    all parameters that may train; at any step only the drawn blocks do.
+    """
+
+    name = "lisa"
+
+    def __init__(self, layers: int = 2, interval: int = 20, seed: int = 0) -> None:
+        """
+        Args:
+            layers: blocks that train at a time.
+            interval: optimizer steps between two draws.
+            seed: seed of the draws (the same on every rank, so data-parallel ranks agree).
+        """
+        if layers < 1 or interval < 1:
+            raise UserInputError(f"lisa layers ({layers}) and interval ({interval}) must be at least 1")
+        self.layers, self.interval, self.seed = layers, interval, seed
+
+    def prepare(self, model: BackboneModel) -> None:
+        blocks = transformer_blocks(model.backbone)
+        if self.layers > len(blocks):
+            raise UserInputError(f"lisa layers {self.layers} exceeds the backbone's {len(blocks)} blocks")
+        model.backbone.requires_grad_(True)
+
+    def active_blocks(self, step: int, count: int) -> list[int]:
+        """Indices of the blocks that train at optimizer ``step`` (of ``count`` blocks)."""
+        return sorted(random.Random(f"{self.seed}:{step // self.interval}").sample(range(count), self.layers))
+
+    def on_train_step(self, model: BackboneModel, step: int) -> None:
+        blocks = transformer_blocks(model.backbone)
+        active = set(self.active_blocks(step, len(blocks)))
+        for index, block in enumerate(blocks):
+            block.requires_grad_(index in active)

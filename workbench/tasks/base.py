@@ -213,6 +213,9 @@ class BaseTask(LightningModule):
             self.update_metrics(metrics, step)
         return step.loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.strategy.on_train_step(self.model, self.global_step)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self.batch_idx = batch_idx
         return self._step(batch, "train")
