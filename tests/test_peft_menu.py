@@ -18,8 +18,8 @@ from workbench.errors import UserInputError
 from workbench.model import EncoderDecoder, build_encoder_decoder
 from workbench.optim import parameter_groups
 from workbench.strategies import (
-    BOFT, IA3, OFT, SSF, STRATEGIES, VPT, AdaptFormer, BitFit, Frozen, HalfFineTuning, LastBlocks, LoHa, LoRA,
-    NormOnly, Strategy, VeRA, count_parameters,
+    BOFT, IA3, OFT, SSF, STRATEGIES, VPT, AdaptFormer, BitFit, Frozen, HalfFineTuning, HydraStrategy, LastBlocks,
+    LoHa, LoRA, NormOnly, Strategy, SVFit, VeRA, count_parameters,
 )  # fmt: skip
 
 # The tiny ViT: width D=64, depth 2, MLP 4D, fused qkv (D → 3D), 6 bands → Conv3d patch embedding.
@@ -42,6 +42,8 @@ EXPECTED_BACKBONE_TRAINABLE = {
     "adaptformer": DEPTH * (D * 16 + 16 + 16 * D + D),  # bottleneck 16
     "last_k": (3 * D * D + 3 * D + D * D + D + 4 * D + 2 * D * HIDDEN + HIDDEN + D) + 2 * D,  # 1 block + norm
     "frozen": 0,
+    "hydra": DEPTH * sum(4 * (i + o) + 2 * 4 * o for i, o in ATTN),  # rank 4: parallel in→out, sequential out→out
+    "svfit": DEPTH * len(ATTN) * 16,  # 16 singular values per layer
 }
 
 
@@ -62,6 +64,8 @@ def make_strategy(name: str) -> Strategy:
         "last_k": lambda: LastBlocks(k=1),
         "hft": lambda: HalfFineTuning(seed=0),
         "frozen": Frozen,
+        "hydra": lambda: HydraStrategy(rank=4),
+        "svfit": lambda: SVFit(rank=16),
     }.get(name, STRATEGIES.get(name))()
 
 
@@ -112,7 +116,7 @@ def test_hft_trains_one_attention_and_one_mlp_matrix_per_block_seeded() -> None:
     assert any(chosen(seed) != picks for seed in range(1, 6))
 
 
-MERGEABLE = ["lora", "loha", "lokr", "ia3", "vera", "oft", "boft", "ssf", "bitfit", "dora", "pissa"]
+MERGEABLE = ["lora", "loha", "lokr", "ia3", "vera", "oft", "boft", "ssf", "bitfit", "dora", "pissa", "hydra", "svfit"]
 
 
 @pytest.mark.parametrize("name", MERGEABLE)
@@ -130,7 +134,7 @@ def test_merged_export_predicts_the_same(name: str) -> None:
     assert not any(n.startswith("backbone.") and "base_layer" in n for n in merged.state_dict())
 
 
-UNTOUCHED = ["frozen", "lora", "ia3", "vera", "oft", "ssf", "vpt", "adaptformer"]
+UNTOUCHED = ["frozen", "lora", "ia3", "vera", "oft", "ssf", "vpt", "adaptformer", "hydra", "svfit"]
 
 
 @pytest.mark.parametrize("name", UNTOUCHED)
@@ -328,3 +332,22 @@ def test_peft_keeps_the_backbone_keys_and_its_peft_model_outside_them() -> None:
     assert "backbone.blocks.0.attn.qkv.lora_A.default.weight" in keys
     assert not any(".model." in k or "base_model" in k for k in keys)
     assert model.backbone.peft_model.get_base_model() is model.backbone
+
+
+@pytest.mark.parametrize("strategy", [HydraStrategy(target_modules=["nope"]), SVFit(target_modules=["nope"])],
+                         ids=["hydra", "svfit"])
+def test_our_low_rank_methods_name_the_linears_when_targets_match_none(strategy: Strategy) -> None:
+    with pytest.raises(UserInputError, match=r"target_modules \['nope'\] match no Linear layer of PrithviViT; it has: "
+                                             r"blocks\.0\.attn\.proj"):
+        tiny(strategy)
+
+
+def test_svfit_trains_the_leading_singular_values() -> None:
+    model = tiny(SVFit(rank=16))
+    layer = model.backbone.blocks[0].attn.qkv
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.delta.copy_(torch.arange(16.0))
+    expected = weight + torch.linalg.svd(weight)[0][:, :16] @ torch.diag(torch.arange(16.0)) @ torch.linalg.svd(weight)[2][:16]
+    torch.testing.assert_close(SVFit(rank=16).merged(model).backbone.blocks[0].attn.qkv.weight, expected,
+                               atol=1e-4, rtol=1e-4)

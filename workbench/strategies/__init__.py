@@ -6,8 +6,9 @@ method allows) merged weights.
 
 ==============  ===========================================================================
 baselines       :class:`Full`, :class:`Frozen`
-peft library    :class:`LoRA` (DoRA, PiSSA, EVA), :class:`LoHa`, :class:`LoKr`, :class:`IA3`,
+peft library    :class:`LoRA` (DoRA, PiSSA, EVA, CorDA), :class:`LoHa`, :class:`LoKr`, :class:`IA3`,
                 :class:`VeRA`, :class:`OFT`, :class:`BOFT`
+low-rank, ours  :class:`HydraStrategy` (Hydra), :class:`SVFit`
 selective       :class:`BitFit`, :class:`NormOnly`, :class:`HalfFineTuning`, :class:`LastBlocks`, :class:`LISA`
 additive        :class:`SSF`, :class:`VPT`, :class:`AdaptFormer`, :class:`BottleneckAdapter` (Houlsby,
                 Pfeiffer), :class:`Compacter`
@@ -17,6 +18,7 @@ additive        :class:`SSF`, :class:`VPT`, :class:`AdaptFormer`, :class:`Bottle
 from workbench.strategies.adapters import AdaptFormer
 from workbench.strategies.base import Strategy, StrategyReport, count_parameters
 from workbench.strategies.bottleneck import BottleneckAdapter, Compacter
+from workbench.strategies.lowrank import HydraStrategy, SVFit
 from workbench.strategies.baselines import Frozen, Full
 from workbench.strategies.peft_methods import BOFT, IA3, OFT, LoHa, LoKr, LoRA, PeftStrategy, VeRA
 from workbench.strategies.prompts import VPT
@@ -26,7 +28,7 @@ from workbench.strategies.ssf import SSF
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
-        Full, Frozen, LoRA, LoHa, LoKr, IA3, VeRA, OFT, BOFT,
+        Full, Frozen, LoRA, LoHa, LoKr, IA3, VeRA, OFT, BOFT, HydraStrategy, SVFit,
         BitFit, NormOnly, HalfFineTuning, LastBlocks, LISA, SSF, VPT, AdaptFormer, BottleneckAdapter, Compacter,
     )
 }  # fmt: skip
@@ -35,6 +37,6 @@ STRATEGIES: dict[str, type[Strategy]] = {
 __all__ = [
     "BOFT", "IA3", "OFT", "SSF", "STRATEGIES", "VPT", "AdaptFormer", "BitFit", "BottleneckAdapter", "Compacter",
     "Frozen", "Full",
-    "LISA", "HalfFineTuning", "LastBlocks", "LoHa", "LoKr", "LoRA", "NormOnly", "PeftStrategy", "Strategy",
+    "LISA", "HalfFineTuning", "HydraStrategy", "SVFit", "LastBlocks", "LoHa", "LoKr", "LoRA", "NormOnly", "PeftStrategy", "Strategy",
     "StrategyReport", "VeRA", "count_parameters",
 ]  # fmt: skip

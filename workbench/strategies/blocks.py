@@ -1,6 +1,8 @@
-"""Finding the transformer blocks of a backbone, for strategies that act per block."""
+"""Finding and replacing modules of a backbone: its transformer blocks, Linears by name, wrapper layers."""
 
 from __future__ import annotations
+
+import copy
 
 from torch import nn
 
@@ -28,3 +30,19 @@ def transformer_blocks(backbone: nn.Module) -> list[nn.Module]:
 def block_linears(block: nn.Module, part: str) -> list[tuple[str, nn.Linear]]:
     """``(name, Linear)`` pairs of a block whose name contains ``part`` (``attn`` or ``mlp``)."""
     return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and part in n.split(".")[0]]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` inside ``root``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+def fold_wrappers(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> nn.Module:
+    """A copy of ``model`` whose backbone layers of ``kinds`` (wrappers with a ``merged_layer()``:
+    SSF, Hydra, SVFit) are replaced by the plain layers they fold into."""
+    plain = copy.deepcopy(model)
+    for name, layer in list(plain.backbone.named_modules()):
+        if isinstance(layer, kinds):
+            replace_module(plain.backbone, name, layer.merged_layer())
+    return plain

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from workbench.model import BackboneModel
 from workbench.strategies.base import Strategy
+from workbench.strategies.blocks import fold_wrappers, replace_module
 
 SSF_TARGETS = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Conv3d)
 
@@ -62,11 +63,6 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_channels
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, new)
-
-
 class SSF(Strategy):
     """Scale-and-shift every Linear, LayerNorm and conv of the backbone (scale only where a layer
     has no bias); the rest is frozen.
@@ -86,11 +82,7 @@ class SSF(Strategy):
             if isinstance(m, SSF_TARGETS) and getattr(m, "weight", None) is not None
         ]
         for name, layer in targets:
-            _replace(backbone, name, ScaleShift(layer))
+            replace_module(backbone, name, ScaleShift(layer))
 
     def merged(self, model: BackboneModel) -> BackboneModel:
-        plain = copy.deepcopy(model)
-        for name, layer in list(plain.backbone.named_modules()):
-            if isinstance(layer, ScaleShift):
-                _replace(plain.backbone, name, layer.merged_layer())
-        return plain
+        return fold_wrappers(model, (ScaleShift,))
