@@ -4,6 +4,7 @@ init, unchanged keys, checkpointing, refusals."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -126,7 +127,8 @@ def test_original_keys_unchanged_and_backbone_frozen(name: str) -> None:
     keys = set(model.state_dict())
     assert set(plain.state_dict()) <= keys and "backbone.blocks.0.mlp.fc1.weight" in keys
     added = keys - set(plain.state_dict())
-    assert added and all(".attn_adapter." in k or ".mlp_adapter." in k for k in added)
+    adapter_key = (".attn_adapter.", ".mlp_adapter.", "backbone.compacter_phm_rule")  # the shared A_i: one key
+    assert added and all(any(part in k for part in adapter_key) for k in added)
     train(model)
     for key, value in original.items():
         param = model.backbone.get_parameter(key)
@@ -134,7 +136,7 @@ def test_original_keys_unchanged_and_backbone_frozen(name: str) -> None:
     assert model.neck is not None and all(p.requires_grad for p in model.decoder.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
     trained = make(name).trainable_state_dict(model)
-    assert all(".attn_adapter." in k or ".mlp_adapter." in k for k in trained if k.startswith("backbone."))
+    assert all(any(part in k for part in adapter_key) for k in trained if k.startswith("backbone."))
     fresh = tiny(make(name))
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -202,3 +204,18 @@ def test_bad_arguments_refuse() -> None:
         Compacter(bottleneck=16, phm_dim=16).apply(
             EncoderClassifier(timm.create_model("ast_tiny", n_mels=32, num_frames=48, embed_dim=40, depth=1,
                                                 num_heads=2), 2))
+
+
+def test_compacter_exports_its_shared_rule_once(tmp_path: Path) -> None:
+    """safetensors refuses tensors that share memory: the shared A_i must be one entry."""
+    from safetensors.torch import load_file
+
+    from workbench.export import export_weights
+    from workbench.tasks import SegmentationTask
+
+    task = SegmentationTask(num_classes=2, decoder="fcn", decoder_channels=8, strategy=Compacter(bottleneck=16),
+                            backbone_kwargs={"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2})
+    paths = export_weights(task, tmp_path)
+    adapter = load_file(paths["adapter"])
+    assert [k for k in adapter if "phm_rule" in k] == ["backbone.compacter_phm_rule"]
+    assert "merged" not in paths  # nonlinear adapters do not merge

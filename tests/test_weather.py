@@ -222,3 +222,13 @@ def test_a_strategy_that_trains_nothing_is_refused() -> None:
     with pytest.raises(UserInputError, match="frozen leaves nothing to train in FieldForecaster"):
         WeatherForecastTask(backbone="prithvi_wxc_tiny", bands=["a", "b"], strategy=Frozen(),
                             backbone_kwargs=TINY_WXC | {"input_size_time": 1, "n_lats_px": 8, "n_lons_px": 16})
+
+
+def test_gridded_predict_refuses_scene_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = {"class_path": "datamodules.WeatherForecastDataModule", "init_args": {
+        "path": str(write_weather(tmp_path / "fields.nc")), "variables": ["t"], "levels": [500], "input_steps": 1}}
+    config = weather_config(tmp_path, "WeatherForecastTask", {"input_size_time": 1, "n_lats_px": 8, "n_lons_px": 16,
+                                                              "residual": "temporal"}, {}, data)
+    assert main(["predict", "--config", str(config), "--inputs", "scene.tif", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "gridded weather tasks predict the test split of the config's datamodule" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -57,7 +57,9 @@ class PHMLinear(nn.Module):
     low-rank factors (Mahabadi et al. 2021, arXiv:2106.04647): ``(..., in) → (..., out)`` by
     ``x @ W + b``, ``W = Σ_i A_i ⊗ (s_i @ t_i)`` ``(in, out)``.
 
-    ``rule`` ``A`` ``(n, n, n)`` is shared by all PHM layers of the model (the same Parameter);
+    ``rule`` ``A`` ``(n, n, n)`` is shared by all PHM layers of the model: a Parameter registered
+    once on the backbone (``compacter_phm_rule``) and only referenced here, so state dicts and
+    safetensors exports hold it once;
     ``left`` ``s`` ``(n, in/n, r)`` and ``right`` ``t`` ``(n, r, out/n)`` are this layer's; ``zero``
     starts ``t`` (so ``W``) at zero. Otherwise ``W`` starts with entries of variance ``~1/in``.
     """
@@ -66,7 +68,7 @@ class PHMLinear(nn.Module):
         super().__init__()
         n = rule.shape[0]
         self.in_features, self.out_features = in_features, out_features
-        self.phm_rule = rule
+        object.__setattr__(self, "phm_rule", rule)  # referenced, not registered: the backbone owns it
         self.left = nn.Parameter(torch.randn(n, in_features // n, rank) / math.sqrt(rank))
         right = torch.zeros(n, rank, out_features // n) if zero else torch.randn(n, rank, out_features // n)
         self.right = nn.Parameter(right / math.sqrt(in_features))
@@ -168,12 +170,17 @@ class Compacter(BottleneckAdapter):
         self.phm_dim = phm_dim
         self.phm_rank = phm_rank
 
+    def prepare(self, model: BackboneModel) -> None:
+        super().prepare(model)
+        model.backbone.compacter_phm_rule.requires_grad_(True)  # registered on the backbone, which was frozen
+
     def projections(self, model: BackboneModel, widths: set[int]) -> Projections:
         n, rank = self.phm_dim, self.phm_rank
         if bad := sorted(d for d in widths if d % n):
             raise UserInputError(f"compacter phm_dim={n} must divide the block width of {type(model.backbone).__name__}"
                                  f" ({', '.join(map(str, bad))})")
         rule = nn.Parameter(torch.randn(n, n, n) / math.sqrt(n))  # A_i, shared by all adapters
+        model.backbone.register_parameter("compacter_phm_rule", rule)
 
         def make(dim: int) -> tuple[nn.Module, nn.Module]:
             return (PHMLinear(rule, dim, self.bottleneck, rank),
