@@ -483,10 +483,6 @@ class GriddedWeatherDataModule(SplitDataModule):
         """Per-channel ``mean`` and ``std`` ``(C,)`` float32, physical units, of the training samples."""
         return self._stats
 
-    def normalize(self, fields: Tensor) -> Tensor:
-        """``(..., C, H, W)`` physical → normalized."""
-        return standardize(fields, *self.channel_stats())
-
     def denormalize(self, tensor: Tensor) -> Tensor:
         """``(..., C, H, W)`` normalized → physical units (:attr:`units`)."""
         mean, std = (s.to(tensor.device) for s in self.channel_stats())

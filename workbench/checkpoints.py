@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 CONTAINER_KEYS = ("state_dict", "model_state", "model", "module", "base_model")  # official files nest weights so
 
 
-def read_file(path: str | Path, what: str = "checkpoint") -> Any:
+def read_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
     """The object stored in ``path``; ``what`` names the file in errors (``--ckpt_path``,
-    ``model.pretrained``, ...).
+    ``model.pretrained``, ...); ``mmap``: map a ``torch.save`` file instead of reading it (cheap
+    when only a few entries are needed).
 
     ``.safetensors`` files give their tensors. Others are read with ``torch.load(weights_only=True)``;
     files that also pickle Python objects (Lightning hyper-parameters holding a strategy object,
@@ -43,10 +44,10 @@ def read_file(path: str | Path, what: str = "checkpoint") -> Any:
 
             return load_file(str(path))
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             log.warning("%s holds Python objects besides tensors: unpickling it fully", path)
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # noqa: BLE001  (truncated, corrupt or not a checkpoint at all: one message)
         raise UserInputError(f"{what} {path} could not be read ({type(err).__name__}: {err})") from None
 
@@ -63,9 +64,9 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Ten
     return state
 
 
-def read_lightning_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+def read_lightning_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """The dict of a Lightning checkpoint (``state_dict``, ``hyper_parameters``, loop state, ...)."""
-    ckpt = read_file(path, what)
+    ckpt = read_file(path, what, mmap)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise UserInputError(
             f"{what} {path} is not a Lightning checkpoint (no state_dict): give a .ckpt written by `workbench fit`"
@@ -83,5 +84,6 @@ def load_lightning_weights(module: LightningModule, ckpt: dict[str, Any], path: 
     if result.missing_keys or result.unexpected_keys:
         raise UserInputError(
             f"{what} {path} does not match the model built from the config (was it trained with another "
-            f"backbone, decoder or strategy?): missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"backbone, decoder or strategy?): missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
         )

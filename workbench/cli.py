@@ -70,7 +70,7 @@ def _lightning_cli_class() -> tuple[type, type, type]:
             self.trainer.callbacks += [self.run_stats, ResumeRNG()]
             ckpt, logger = self.config.fit.ckpt_path, self.trainer.logger
             if ckpt and isinstance(logger, CSVLogger) and run_version(ckpt, logger.save_dir, logger.name) is not None:
-                continue_metrics(logger, read_lightning_checkpoint(ckpt, "--ckpt_path")["global_step"])
+                continue_metrics(logger, read_lightning_checkpoint(ckpt, "--ckpt_path", mmap=True)["global_step"])
 
         def after_fit(self) -> None:
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:

@@ -102,10 +102,12 @@ class WeatherForecastTask(FieldUnits):
         return StepOutput(loss, forecast, target, extras={**extras, "weights": weights})
 
     def update_metrics(self, metrics: MetricCollection, step: StepOutput) -> None:
-        target, climate, weights = self.physical(step.target), self.physical(step.extras["climatology"]), step.extras["weights"]
+        target, climate = self.physical(step.target), self.physical(step.extras["climatology"])
+        weights = step.extras["weights"]
         for prefix, forecast in (("", step.preds.detach()), ("persistence_", step.extras["persistence"])):
-            metrics[f"{prefix}RMSE"].update(self.physical(forecast), target, weights)
-            metrics[f"{prefix}ACC"].update(self.physical(forecast), target, climate, weights)
+            forecast = self.physical(forecast)
+            metrics[f"{prefix}RMSE"].update(forecast, target, weights)
+            metrics[f"{prefix}ACC"].update(forecast, target, climate, weights)
         metrics["climatology_RMSE"].update(climate, target, weights)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
