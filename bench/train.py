@@ -9,12 +9,18 @@ peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak R
     python bench/train.py                                   # 100M and 300M, all cases
     python bench/train.py --sizes 100m --batch_size 8 --precision bf16 --device cuda
     python bench/train.py --sizes csmask --img_size 256 --batch_size 2 --checkpointing off \
-        --strategies full lora frozen bitfit ssf
+        --strategies full lora frozen bitfit ssf lokr "flora:target_modules=[_expand_conv,_depthwise_conv]"
+
+Strategies are written as in ``workbench compare`` (``name[:key=value,...]``). On csmask, a
+strategy with ``target_modules`` that sets none adapts the pointwise convs. Strategies that read
+training batches to initialise (``spt``, ``lora:init=eva|corda|lora_ga``) are not benchmarked here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import re
 import subprocess
@@ -24,7 +30,6 @@ from pathlib import Path
 
 SIZES = {"tiny": "prithvi_eo_v2_tiny_tl", "100m": "prithvi_eo_v2_100m_tl", "300m": "prithvi_eo_v2_300m_tl",
          "600m": "prithvi_eo_v2_600m_tl", "csmask": "csmask_unet_effb4_s2"}
-STRATEGIES = {"full": "Full", "lora": "LoRA", "frozen": "Frozen", "bitfit": "BitFit", "ssf": "SSF"}
 CONV_LORA_TARGETS = ["_expand_conv", "_project_conv", "_se_reduce", "_se_expand"]  # csmask's pointwise convs
 
 
@@ -34,7 +39,7 @@ def run_case(args: argparse.Namespace) -> dict:
     import torch
 
     import backbones  # noqa: F401  (registers the models)
-    from workbench import strategies
+    from workbench.compare.arms import parse_strategy
     from workbench.model import build_encoder_decoder
 
     torch.manual_seed(0)
@@ -46,8 +51,12 @@ def run_case(args: argparse.Namespace) -> dict:
         backbone = timm.create_model(SIZES[args.size], img_size=args.img_size, num_frames=args.frames)
         backbone.set_grad_checkpointing(args.checkpointing)
     model = build_encoder_decoder(backbone, "unet" if cnn else "uper", 256, 2).to(device)
-    options = {"target_modules": CONV_LORA_TARGETS} if cnn and args.strategy == "lora" else {}
-    report = getattr(strategies, STRATEGIES[args.strategy])(**options).apply(model)
+    class_path, options = parse_strategy(args.strategy)
+    module, name = class_path.rsplit(".", 1)
+    strategy_class = getattr(importlib.import_module(module), name)
+    if cnn and "target_modules" in inspect.signature(strategy_class).parameters:
+        options.setdefault("target_modules", CONV_LORA_TARGETS)
+    report = strategy_class(**options).apply(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     frames = () if cnn else (args.frames,)
@@ -90,7 +99,8 @@ def run_case(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["100m", "300m"], choices=sorted(SIZES))
-    parser.add_argument("--strategies", nargs="+", default=["full", "lora", "frozen"], choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=["full", "lora", "frozen"],
+                        help="strategies in `workbench compare` syntax, e.g. lora:rank=4")
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--img_size", type=int, default=224)
@@ -98,10 +108,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: size,strategy,on|off
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: size,on|off,strategy
     args = parser.parse_args()
     if args.case:
-        args.size, args.strategy, on = args.case.split(",")
+        args.size, on, args.strategy = args.case.split(",", 2)
         args.checkpointing = on == "on"
         print(json.dumps(run_case(args)), flush=True)
         return
@@ -110,7 +120,7 @@ def main() -> None:
     for size in args.sizes:
         for strategy in args.strategies:
             for on in args.checkpointing:
-                done = subprocess.run([sys.executable, __file__, f"--case={size},{strategy},{on}", *common],
+                done = subprocess.run([sys.executable, __file__, f"--case={size},{on},{strategy}", *common],
                                       capture_output=True, text=True, check=False)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 if done.returncode or not lines:

@@ -18,8 +18,8 @@ from workbench.errors import UserInputError
 from workbench.model import EncoderDecoder, build_encoder_decoder
 from workbench.optim import parameter_groups
 from workbench.strategies import (
-    BOFT, IA3, OFT, SSF, STRATEGIES, VPT, AdaptFormer, BitFit, Frozen, HalfFineTuning, HydraStrategy, LastBlocks,
-    LoHa, LoRA, NormOnly, Strategy, SVFit, VeRA, count_parameters,
+    BOFT, IA3, OFT, SSF, STRATEGIES, VPT, AdaptFormer, BitFit, Frozen, HalfFineTuning, HydraStrategy, InitBatches,
+    LastBlocks, LoHa, LoRA, NormOnly, Strategy, SVFit, VeRA, count_parameters,
 )  # fmt: skip
 
 # The tiny ViT: width D=64, depth 2, MLP 4D, fused qkv (D → 3D), 6 bands → Conv3d patch embedding.
@@ -67,6 +67,14 @@ def make_strategy(name: str) -> Strategy:
         "hydra": lambda: HydraStrategy(rank=4),
         "svfit": lambda: SVFit(rank=16),
     }.get(name, STRATEGIES.get(name))()
+
+
+def images_only(images: list[torch.Tensor]) -> InitBatches:
+    """Initialisation batches without labels: the loss is not available."""
+    def no_loss(_: int) -> torch.Tensor:
+        raise AssertionError("this initialisation must not need the loss")
+
+    return InitBatches(images, no_loss)
 
 
 def vit() -> nn.Module:
@@ -125,13 +133,19 @@ def test_merged_export_predicts_the_same(name: str) -> None:
                 "lokr": lambda: STRATEGIES["lokr"](rank=4)}.get(name, lambda: make_strategy(name))()
     model = tiny(strategy)
     train(model)
+    merged = merged_equal_to_adapted(strategy, model)
+    assert not any(n.startswith("backbone.") and "base_layer" in n for n in merged.state_dict())
+
+
+def merged_equal_to_adapted(strategy: Strategy, model: EncoderDecoder) -> EncoderDecoder:
+    """``strategy.merged(model)``, checked: the same outputs as the adapted model, the plain model's keys."""
     model.eval()
     merged = strategy.merged(model).eval()
     image = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(merged(image), model(image), atol=1e-4, rtol=1e-4)
     assert merged.state_dict().keys() == tiny().state_dict().keys()
-    assert not any(n.startswith("backbone.") and "base_layer" in n for n in merged.state_dict())
+    return merged
 
 
 UNTOUCHED = ["frozen", "lora", "ia3", "vera", "oft", "ssf", "vpt", "adaptformer", "hydra", "svfit"]
@@ -175,7 +189,7 @@ def test_eva_initialises_lora_a_from_data() -> None:
     model = tiny(strategy)
     qkv = model.backbone.blocks[0].attn.qkv
     before = qkv.lora_A["default"].weight.clone()
-    strategy.initialize(model, [torch.randn(4, 6, 32, 32) for _ in range(3)])
+    strategy.initialize(model, images_only([torch.randn(4, 6, 32, 32) for _ in range(3)]))
     after = qkv.lora_A["default"].weight
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after.norm(dim=1), torch.ones(4), atol=1e-4, rtol=0)  # singular vectors
@@ -237,8 +251,8 @@ def test_corda_adapters_come_from_the_inputs_and_keep_the_output() -> None:
     default_a, base = qkv.lora_A["default"].weight.clone(), qkv.base_layer.weight.clone()
     image = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
-        LoRA(rank=4, init="corda").initialize(model, [torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(i))
-                                                      for i in range(2)])
+        LoRA(rank=4, init="corda").initialize(model, images_only(
+            [torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]))
         torch.testing.assert_close(model.backbone.forward_features(image), plain.backbone.forward_features(image),
                                    atol=1e-5, rtol=1e-5)
     assert not torch.allclose(qkv.lora_A["default"].weight, default_a) and qkv.lora_B["default"].weight.abs().sum() > 0
@@ -246,7 +260,35 @@ def test_corda_adapters_come_from_the_inputs_and_keep_the_output() -> None:
     assert sum(p.numel() for p in model.backbone.parameters() if p.requires_grad) == EXPECTED_BACKBONE_TRAINABLE["lora"]
 
 
-@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_lora_ga_adapters_span_the_loss_gradient_and_keep_the_output() -> None:
+    """LoRA-GA: A's rows span the top right-singular vectors of each weight's mean loss gradient,
+    B's columns the next left-singular ones (peft's default ``ArB2r``); the model starts as the original."""
+    images = [torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    masks = [torch.randint(0, 3, (2, 32, 32), generator=torch.Generator().manual_seed(9 + i)) for i in range(2)]
+    plain = tiny().eval()
+    for image, mask in zip(images, masks):
+        nn.functional.cross_entropy(plain(image), mask).backward()
+    u, _, vh = torch.linalg.svd(plain.backbone.blocks[0].attn.qkv.weight.grad)
+
+    strategy = LoRA(rank=4, init="lora_ga")
+    model = tiny(strategy).eval()
+    strategy.initialize(model, InitBatches(images, lambda i: nn.functional.cross_entropy(model(images[i]), masks[i])))
+    qkv = model.backbone.blocks[0].attn.qkv
+    a, b = qkv.lora_A["default"].weight.detach(), qkv.lora_B["default"].weight.detach()
+    torch.testing.assert_close(a @ vh[:4].T @ vh[:4], a, atol=1e-4, rtol=1e-3)  # rows in span(v_1..v_4)
+    torch.testing.assert_close(u[:, 4:8] @ u[:, 4:8].T @ b, b, atol=1e-4, rtol=1e-3)  # columns in span(u_5..u_8)
+    assert a.abs().sum() > 0 and b.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(images[0]), plain(images[0]), atol=1e-4, rtol=1e-4)
+    assert sum(p.numel() for p in model.backbone.parameters() if p.requires_grad) == EXPECTED_BACKBONE_TRAINABLE["lora"]
+
+
+def test_lora_ga_refuses_conv_targets() -> None:
+    with pytest.raises(UserInputError, match="lora_ga adapts Linear layers only.*patch_embed.proj"):
+        tiny(LoRA(rank=4, init="lora_ga", target_modules=["attn.qkv", "patch_embed.proj"]))
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "lora_ga"])
 def test_data_driven_lora_fit_initialises_from_training_batches(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                 init: str) -> None:
     strategy = {"class_path": "workbench.strategies.LoRA", "init_args": {"rank": 4, "init": init, "eva_batches": 2}}
@@ -338,7 +380,7 @@ def test_peft_keeps_the_backbone_keys_and_its_peft_model_outside_them() -> None:
                          ids=["hydra", "svfit"])
 def test_our_low_rank_methods_name_the_linears_when_targets_match_none(strategy: Strategy) -> None:
     with pytest.raises(UserInputError, match=r"target_modules \['nope'\] match no Linear layer of PrithviViT; it has: "
-                                             r"blocks\.0\.attn\.proj"):
+                                             r"attn\.proj, attn\.qkv, mlp\.fc1, mlp\.fc2"):
         tiny(strategy)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -42,6 +43,22 @@ class StrategyReport:
         )
 
 
+@dataclass(frozen=True)
+class InitBatches:
+    """A few training batches for a data-driven initialisation (EVA, CorDA, LoRA-GA, SPT, Point-PEFT).
+
+    ``inputs``: the model input of each batch — images ``(B, C, [T,] H, W)``, points
+    ``(B, N, 3 + F)``, ...; ``loss(i)``: the task's training loss of batch ``i`` through the model
+    as it is at the call (labels included, autograd graph attached).
+    """
+
+    inputs: list[Tensor]
+    loss: Callable[[int], Tensor]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
 class Strategy:
     """Base class: subclasses change which parameters of an :class:`BackboneModel` train."""
 
@@ -56,20 +73,28 @@ class Strategy:
         Records in :attr:`added_parameters` the ids of the trainable parameters the strategy
         added to the backbone (adapters, prompts, scale/shift vectors).
         """
+        self.added_parameters = frozenset()
+        return self._recording(model, self.prepare)
+
+    def initialize_from(self, model: BackboneModel, data: InitBatches) -> StrategyReport:
+        """Run :meth:`initialize` (which may add parameters, e.g. SPT's) and report again."""
+        return self._recording(model, lambda m: self.initialize(m, data))
+
+    def _recording(self, model: BackboneModel, change: Callable[[BackboneModel], None]) -> StrategyReport:
+        """``change(model)``, adding the new trainable backbone parameters to :attr:`added_parameters`."""
         before = {id(p) for p in model.backbone.parameters()}
-        self.prepare(model)
-        self.added_parameters = frozenset(
-            id(p) for p in model.backbone.parameters() if p.requires_grad and id(p) not in before
-        )
+        change(model)
+        self.added_parameters |= {id(p) for p in model.backbone.parameters() if p.requires_grad and id(p) not in before}
         return StrategyReport.of(self.name, model)
 
     def prepare(self, model: BackboneModel) -> None:
         """Freeze, inject or wrap modules of ``model`` in place."""
         raise NotImplementedError
 
-    def initialize(self, model: BackboneModel, batches: list[Tensor]) -> None:
-        """Data-driven initialization from a few training images ``(B, C, [T,] H, W)``; most
-        strategies need none. Called once before training starts (not when resuming)."""
+    def initialize(self, model: BackboneModel, data: InitBatches) -> None:
+        """Data-driven initialization from :attr:`init_batches` training batches; most strategies
+        need none. Called once before training starts, also by a resumed run (whose checkpoint
+        weights then replace what it set)."""
 
     def on_train_step(self, model: BackboneModel, step: int) -> None:
         """Called before every training batch with the optimizer step count (LISA draws the

@@ -24,11 +24,13 @@ from peft import (
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    LoraGAConfig,
     OFTConfig,
     PeftConfig,
     PeftModel,
     VeraConfig,
     initialize_lora_eva_weights,
+    preprocess_loraga,
 )
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from workbench.errors import UserInputError
 from workbench.model import BackboneModel
-from workbench.strategies.base import Strategy
+from workbench.strategies.base import InitBatches, Strategy
 
 ATTENTION = ["attn.qkv", "attn.proj"]
 
@@ -87,7 +89,8 @@ class PeftStrategy(Strategy):
         return plain
 
 
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "corda")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga")
+DATA_INITS = ("eva", "corda", "lora_ga")  # initialisations that read training batches
 
 
 class LoRA(PeftStrategy):
@@ -102,7 +105,11 @@ class LoRA(PeftStrategy):
     training batches; ``corda_method: ipm`` puts the leading components in the adapters for fast
     adaptation, ``kpm`` the trailing ones to preserve what the model knows; the residual stays in
     the frozen base weights, so the adapted model starts equal to the original, and adapter-only
-    exports need the CorDA-modified base, as with PiSSA).
+    exports need the CorDA-modified base, as with PiSSA) or ``lora_ga`` (LoRA-GA, Wang et al.
+    2024, arXiv:2407.05000: the adapters start from the SVD of each weight's gradient of the
+    training loss, averaged over a few labelled training batches, so the first steps move like full
+    fine-tuning; peft's ``preprocess_loraga``; the initial product is subtracted from the frozen
+    base weights, so the model starts equal to the original; Linear targets only).
     """
 
     name = "lora"
@@ -127,7 +134,7 @@ class LoRA(PeftStrategy):
                 ``attn.qkv`` and ``attn.proj``.
             use_dora: DoRA (magnitude + direction) instead of plain LoRA.
             init: initialisation of the adapters (see the class docstring).
-            eva_batches: training batches the ``eva`` and ``corda`` initialisations read.
+            eva_batches: training batches the ``eva``, ``corda`` and ``lora_ga`` initialisations read.
             corda_method: ``ipm`` (instruction-previewed: leading components adapt) or ``kpm``
                 (knowledge-preserved: trailing components adapt).
         """
@@ -142,11 +149,21 @@ class LoRA(PeftStrategy):
         self.eva_batches = eva_batches
         self.corda_method = corda_method
         self.name = "dora" if use_dora else "lora"
-        self.init_batches = eva_batches if init in ("eva", "corda") else 0
+        self.init_batches = eva_batches if init in DATA_INITS else 0
+
+    def prepare(self, model: BackboneModel) -> None:
+        if self.init == "lora_ga":  # peft would silently give other layers its default init
+            config = self.peft_config()
+            others = [n for n, m in model.backbone.named_modules()
+                      if check_target_module_exists(config, n) and not isinstance(m, nn.Linear)]
+            if others:
+                raise UserInputError(f"lora init lora_ga adapts Linear layers only; target_modules {self.target_modules} "
+                                     f"match {len(others)} other layers (e.g. {others[0]}): use init default or eva")
+        super().prepare(model)
 
     def peft_config(self) -> LoraConfig:
-        # corda adapters are made from training batches by initialize(); until then, default ones
-        init = {"default": True, "gaussian": "gaussian", "corda": True}.get(self.init, self.init)
+        # corda and lora_ga adapters are made from training batches by initialize(); until then, default ones
+        init = {"default": True, "gaussian": "gaussian", "corda": True, "lora_ga": True}.get(self.init, self.init)
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -158,17 +175,20 @@ class LoRA(PeftStrategy):
         )
 
     @torch.no_grad()
-    def initialize(self, model: BackboneModel, batches: list[Tensor]) -> None:
+    def initialize(self, model: BackboneModel, data: InitBatches) -> None:
         """EVA: set each ``lora_A`` to the top right-singular vectors of its layer's inputs
-        ``(tokens, D)``, collected over ``batches`` with the adapters disabled (peft's
-        ``initialize_lora_eva_weights``; ``rho=1`` keeps every layer at ``rank``)."""
+        ``(tokens, D)``, collected over the batches' inputs with the adapters disabled (peft's
+        ``initialize_lora_eva_weights``; ``rho=1`` keeps every layer at ``rank``). CorDA: see
+        :meth:`initialize_corda`."""
         if self.init == "corda":
-            self.initialize_corda(model.backbone, batches)
+            self.initialize_corda(model.backbone, data.inputs)
+        if self.init == "lora_ga":
+            self.initialize_lora_ga(model, data)
         if self.init != "eva":
             return
         initialize_lora_eva_weights(
             model.backbone.peft_model,
-            batches,
+            data.inputs,
             forward_fn=lambda peft_model, image: peft_model.get_base_model().forward_features(image),
             prepare_model_inputs_fn=None,
             prepare_layer_inputs_fn=lambda layer_input, _inputs, _name: layer_input[0].flatten(0, -2),
@@ -180,16 +200,43 @@ class LoRA(PeftStrategy):
         """CorDA: on a plain copy of ``backbone``, peft's ``preprocess_corda`` collects each target
         layer's input covariance over ``batches`` and builds the adapters and residual weights;
         they are copied into ``backbone`` in place (the optimizer keeps its parameters)."""
-        plain = copy.deepcopy(backbone)
-        peft_copy: PeftModel = plain.peft_model
-        del plain.peft_model
-        peft_copy.unload()  # the copy without adapter layers, base weights untouched
+        plain = plain_copy(backbone)
         config = dataclasses.replace(self.peft_config(), init_lora_weights="corda",
                                      corda_config=CordaConfig(corda_method=self.corda_method))
         samples = [one for images in batches for one in images.split(1)]  # peft's hooks take (tokens, D) inputs
         preprocess_corda(plain, config, run_model=lambda: [plain.forward_features(one) for one in samples])
-        PeftModel(plain, config)  # CorDA adapters and residual base weights, in place in `plain`
-        backbone.load_state_dict(plain.state_dict())
+        adopt_adapters(backbone, plain, config)
+
+    def initialize_lora_ga(self, model: BackboneModel, data: InitBatches) -> None:
+        """LoRA-GA: with a plain copy of the backbone in the model, peft's ``preprocess_loraga``
+        averages each target weight's gradient of the training loss over the batches; the
+        adapters and residual weights built from it are copied into the backbone in place."""
+        backbone, plain = model.backbone, plain_copy(model.backbone)
+        config = dataclasses.replace(self.peft_config(), init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+        model.backbone = plain  # the task's loss runs through the copy
+        try:
+            with torch.enable_grad():
+                preprocess_loraga(plain, config, train_step=lambda: [data.loss(i).backward() for i in range(len(data))])
+        finally:
+            model.backbone = backbone
+        adopt_adapters(backbone, plain, config)
+
+
+def plain_copy(backbone: nn.Module) -> nn.Module:
+    """A copy of a peft-adapted ``backbone`` without its adapter layers (base weights as they are)."""
+    plain = copy.deepcopy(backbone)
+    peft_copy: PeftModel = plain.peft_model
+    del plain.peft_model
+    peft_copy.unload()
+    return plain
+
+
+def adopt_adapters(backbone: nn.Module, plain: nn.Module, config: LoraConfig) -> None:
+    """Adapt ``plain`` by ``config`` (peft builds data-initialised adapters and residual base
+    weights from what its preprocessing left on the layers) and copy its weights into the adapted
+    ``backbone`` in place, so the optimizer keeps its parameters."""
+    PeftModel(plain, config)
+    backbone.load_state_dict(plain.state_dict())
 
 
 class _RankAlphaPeft(PeftStrategy):

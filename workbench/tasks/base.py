@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from backbones.builder import create_backbone
 from workbench.errors import UserInputError
 from workbench.optim import PARAMETER_GROUPS, parameter_groups
-from workbench.strategies import Full, Strategy, StrategyReport
+from workbench.strategies import Full, InitBatches, Strategy, StrategyReport
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -160,9 +160,24 @@ class BaseTask(LightningModule):
         return getattr(self, f"{stage}_metrics", None)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.strategy.init_batches and not getattr(self, "_initialized", False):
+            self.initialize_strategy()
         if self.hparams.compile_model and stage == "fit" and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True
+
+    def initialize_strategy(self) -> None:
+        """The strategy's data-driven initialisation from its first ``init_batches`` training batches,
+        on the training device, before the optimizer is built (so parameters it adds train). A
+        resumed run does it too; the checkpoint's weights then replace what it set."""
+        self.to(self.trainer.strategy.root_device)
+        first = zip(self.trainer.datamodule.train_dataloader(), range(self.strategy.init_batches))
+        batches = [self.transfer_batch_to_device(batch, self.device, 0) for batch, _ in first]
+        data = InitBatches([self.model_input(b) for b in batches], lambda i: self.compute_step(batches[i], "train").loss)
+        self.strategy_report = self.strategy.initialize_from(self.model, data)
+        self.model.zero_grad(set_to_none=True)
+        self._initialized = True
+        print(f"workbench: {self.strategy.name} initialized from {len(batches)} training batches")
 
     def metrics(self) -> MetricCollection | None:
         """The task's metrics (names without the stage prefix); None: the loss only."""
@@ -252,12 +267,6 @@ class BaseTask(LightningModule):
                 "strategy.cache_features needs un-augmented chips (augmented ones never repeat): "
                 "set data.init_args.augment: false, or cache_features: false."
             )
-        if self.strategy.init_batches and self.trainer.ckpt_path is None:
-            loader = self.trainer.datamodule.train_dataloader()
-            first = zip(loader, range(self.strategy.init_batches))
-            batches = [self.model_input(batch).to(self.device) for batch, _ in first]
-            self.strategy.initialize(self.model, batches)
-            print(f"workbench: {self.strategy.name} initialized from {len(batches)} training batches")
 
     def on_fit_end(self) -> None:
         cache = getattr(self.model, "feature_cache", None)
