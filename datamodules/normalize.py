@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from torch import Tensor
 
 from workbench.atomic import write_json
 from workbench.errors import UserInputError
+
+T = TypeVar("T")
 
 
 class RawChips(Protocol):
@@ -25,6 +27,9 @@ class RawChips(Protocol):
 
     def read_layers(self, index: int) -> tuple[np.ndarray, float | None]:
         """Raw selected layers ``(L, H, W)`` of chip ``index`` and the nodata value in force."""
+
+    def first_readable(self, index: int, read: Callable[[int], T]) -> T:
+        """``read(index)``, unreadable chips failing by name or skipped (``bad_files``)."""
 
 
 class StatsSource(Protocol):
@@ -123,7 +128,7 @@ def write_band_stats(datamodule: StatsSource, path: str | Path, max_samples: int
     """Compute mean/std over (up to ``max_samples`` evenly spaced) training chips; write JSON atomically."""
     dataset = datamodule.dataset("train", normalize=False)
     step = max(1, math.ceil(len(dataset) / max_samples))
-    chips = (dataset.read_layers(i) for i in range(0, len(dataset), step))
+    chips = (dataset.first_readable(i, dataset.read_layers) for i in range(0, len(dataset), step))
     stats = {"bands": datamodule.bands, **compute_band_stats(chips, datamodule.num_bands)}
     write_json(path, stats)
     return stats

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import rasterio
@@ -20,6 +21,7 @@ from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
 BadFiles = Literal["fail", "skip"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,17 @@ class ChipDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """The chip, or with ``bad_files: skip`` the next readable one."""
+        return self.first_readable(index, self.read_sample)
+
+    def first_readable(self, index: int, read: Callable[[int], T]) -> T:
+        """``read(index)``; an unreadable chip fails naming its files or, with ``bad_files: skip``,
+        is skipped with a warning for the next readable one."""
         for offset in range(len(self.chips)):
             candidate = (index + offset) % len(self.chips)
             if candidate in self.skipped:
                 continue
             try:
-                return self.read_sample(candidate)
+                return read(candidate)
             except RasterioError as err:
                 chip = self.chips[candidate]
                 if self.bad_files == "fail":

@@ -237,16 +237,18 @@ class GeoSegmentationDataModule(SplitDataModule):
         return Preprocessor(mean, std, self.num_frames)
 
     def scene_spec(self) -> SceneSpec:
-        """How predict reads a scene: :attr:`layers`, the files' band count, the training chips'
-        dtype (from the first training file's header) and the RGB positions for quicklooks."""
-        dtype = None
+        """How predict reads a scene: :attr:`layers`, the files' bands per frame (``file_bands``, or
+        else the first training file's band count), the training chips' dtype (from the same header)
+        and the RGB positions for quicklooks."""
+        dtype, per_frame = None, len(self.file_bands) if self.file_bands else None
         chips = self.split_chips.get("train") or []
         if chips and chips[0].image.is_file():
             with rasterio.open(chips[0].image) as src:
                 dtype = src.dtypes[0]
+                per_frame = per_frame or src.count // self.num_frames
         names = self.bands or []
         rgb = [names.index(b) for b in ("RED", "GREEN", "BLUE")] if {"RED", "GREEN", "BLUE"} <= set(names) else None
-        return SceneSpec(self.layers, len(self.file_bands) if self.file_bands else None, dtype, rgb)
+        return SceneSpec(self.layers, per_frame, dtype, rgb)
 
     # --- datasets and loaders ----------------------------------------------------------------
 

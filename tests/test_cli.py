@@ -54,22 +54,33 @@ def test_fit_lowers_loss_tests_and_exports(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("section", "change", "expected"),
+    ("section", "change", "where", "typo", "meant"),
     [
-        ("model", {"decoder_chanels": 16}, "decoder_chanels"),
-        ("model", {"strategy": {"class_path": "workbench.strategies.LoRA",
-                                "init_args": {"rnak": 4}}}, "rnak"),
-        ("data", {"batch_sise": 4}, "batch_sise"),
-        ("trainer", {"max_epoch": 1}, "max_epoch"),
+        ("model", {"decoder_chanels": 16}, "model.init_args", "decoder_chanels", "decoder_channels"),
+        ("model", {"strategy": {"class_path": "workbench.strategies.LoRA", "init_args": {"rnak": 4}}},
+         "model.init_args.strategy.init_args", "rnak", "rank"),
+        ("model", {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lrr": 1e-3}}},
+         "model.init_args.optimizer.init_args", "lrr", "lr"),
+        ("data", {"batch_sise": 4}, "data.init_args", "batch_sise", "batch_size"),
+        ("trainer", {"max_epoch": 1}, "trainer", "max_epoch", "max_epochs"),
     ],
 )
-def test_config_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, section: str,
-                              change: dict, expected: str) -> None:
+def test_config_typo_is_one_line_naming_key_section_and_fix(
+        tmp_path: Path, capsys: pytest.CaptureFixture, section: str, change: dict, where: str, typo: str, meant: str) -> None:
     config = write_config(tmp_path, **{section: change})
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config)])
-    assert exit_info.value.code != 0
-    assert expected in capsys.readouterr().err
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"workbench: error: unknown key '{typo}' in {where} (")
+    assert "\n" not in err and err.endswith(f"did you mean '{meant}'?")
+
+
+def test_config_typo_in_a_compare_arm_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path, trainer={"max_epoch": 1})
+    args = ["compare", "--base_config", str(config), "--strategies", "frozen", "--output_dir", str(tmp_path / "cmp")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("workbench: error: arm frozen-f1-s0: unknown key 'max_epoch' in trainer")
+    assert "did you mean 'max_epochs'?" in err
 
 
 def test_backbone_kwarg_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

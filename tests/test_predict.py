@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,55 @@ def test_outputs_keep_georeference_nodata_and_metadata(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".*"))  # no partial files left
 
 
+class CountingTask(PixelwiseTask):
+    """Counts the windows it is given."""
+
+    windows = 0
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self.windows += len(batch["image"])
+        return super().predict_step(batch, batch_idx)
+
+
+def test_nan_and_nodata_only_windows_are_skipped_and_written_as_nodata(tmp_path: Path) -> None:
+    """The top 40 rows are nodata (NaN in one band, the nodata value in the rest): the windows lying
+    wholly inside them never reach the model, and the other pixels are the per-pixel model's output."""
+    path = scene(tmp_path, (100, 70), nodata=-1.0)
+    with rasterio.open(path, "r+") as dst:
+        pixels = dst.read()
+        pixels[:, :40] = -1.0
+        pixels[3, :40] = np.nan
+        dst.write(pixels)
+    task = CountingTask()
+    out = predictor(task, 32, 8).predict_scene([path], tmp_path / "out", "s", probabilities=True)
+    plan = WindowPlan(100, 70, 32, 8)
+    assert task.windows == len(plan.cols) * sum(top + 32 > 40 for top in plan.rows) < len(plan)
+    classes, probs = read(out["classes"])[0], read(out["probabilities"])
+    assert (classes[:40] == 255).all() and np.isnan(probs[:, :40]).all()
+    image, _ = Preprocessor(MEAN, STD)(pixels[:, 40:], None)
+    expected = task.predict_step({"image": image[None]}, 0)[0].detach().numpy()
+    np.testing.assert_allclose(probs[:, 40:], expected, atol=1e-5)
+
+
+def test_a_second_run_writing_the_same_output_is_refused_until_the_first_ends(tmp_path: Path) -> None:
+    """Two runs mapping a scene into the same folder never share its files: while one writes it
+    (a live process holds ``.<stem>.lock``), the other is refused in one line; afterwards it may."""
+    from workbench.predict.outputs import SceneWriter
+
+    profile = {"height": 64, "width": 16, "crs": "EPSG:32633", "transform": from_origin(0, 0, 30, 30)}
+    probabilities = np.random.default_rng(0).random((3, 64, 16), dtype=np.float32)
+    first = SceneWriter(tmp_path, "s", profile, ["a", "b", "c"], quicklook=False).__enter__()
+    with pytest.raises(UserInputError, match=rf"another workbench predict \(pid {os.getpid()}\) is writing s in .*: wait for it or choose another --output_dir"):
+        SceneWriter(tmp_path, "s", profile, ["a", "b", "c"], quicklook=False)
+    first.write(probabilities, np.ones((64, 16), bool), None)
+    first.__exit__(None, None, None)
+    np.testing.assert_array_equal(read(tmp_path / "s_classes.tif")[0], probabilities.argmax(0))
+    assert [p.name for p in tmp_path.iterdir()] == ["s_classes.tif"]
+    (tmp_path / ".s.lock").write_text("999999999")  # left by a killed run: its process is gone
+    with SceneWriter(tmp_path, "s", profile, ["a", "b", "c"], quicklook=False) as again:
+        again.write(probabilities[::-1].copy(), np.ones((64, 16), bool), None)
+    np.testing.assert_array_equal(read(tmp_path / "s_classes.tif")[0], probabilities[::-1].argmax(0))
+
 def test_predict_maps_pixel_predictors_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert isinstance(PixelwiseTask(), PixelPredictor)
     config = yaml.safe_load(write_config(tmp_path).read_text())
@@ -207,3 +257,70 @@ def test_peak_memory_does_not_grow_with_scene_size(tmp_path: Path) -> None:
         peaks.append(int(result.stdout.split()[-1]) / 1024)  # MiB
     # The larger scene holds 72 MiB more pixels; a whole-scene approach would grow by that much.
     assert peaks[1] - peaks[0] < 25, f"peak RSS {peaks[0]:.0f} MiB -> {peaks[1]:.0f} MiB"
+
+
+def broken_scenes(folder: Path) -> dict[str, Path]:
+    """Scenes predict must refuse in one line: pixels cut off, not a TIFF, empty, no CRS."""
+    pixels = np.random.default_rng(2).random((6, 200, 64), dtype=np.float32)
+    truncated = write_geotiff(folder / "truncated.tif", pixels)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 5])  # header and top rows
+    garbage, empty = folder / "garbage.tif", folder / "empty.tif"
+    garbage.write_bytes(b"not a GeoTIFF " * 50)
+    empty.write_bytes(b"")
+    return {"truncated": truncated, "garbage": garbage, "empty": empty,
+            "no_crs": write_geotiff(folder / "no_crs.tif", pixels[:, :40], crs=None)}
+
+
+@pytest.mark.parametrize("kind,says", [("truncated", "truncated or corrupt"), ("garbage", "not a readable raster"),
+                                       ("empty", "not a readable raster"), ("no_crs", "has no CRS")])
+def test_unreadable_scene_fails_in_one_line_and_keeps_earlier_outputs(
+        tmp_path: Path, capsys: pytest.CaptureFixture, kind: str, says: str) -> None:
+    config, ckpt = fit_checkpoint(tmp_path, model=FULL)
+    good = write_geotiff(tmp_path / "good" / f"{kind}.tif", np.random.default_rng(3).random((6, 40, 40), dtype=np.float32))
+    out = tmp_path / "pred"
+    args = ["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--output_dir", str(out), "--window", "32"]
+    assert main([*args, "--inputs", str(good)]) == 0
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    bad = broken_scenes(tmp_path / "bad")[kind]
+    assert main([*args, "--inputs", str(bad)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("workbench: error: ")]  # beside progress bars
+    assert len(errors) == 1 and str(bad) in errors[0] and says in errors[0] and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # same names: nothing replaced or half-written
+
+
+def test_predict_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A real kill -9 once the first block row (256 rows) is on disk; the same command again
+    continues after it, and the maps equal those of a run that was never interrupted."""
+    import signal
+    import time
+
+    config, ckpt = fit_checkpoint(tmp_path, model=FULL)
+    pixels = np.random.default_rng(4).random((6, 2048, 64), dtype=np.float32)
+    scene_file = write_geotiff(tmp_path / "scene.tif", pixels, transform=from_origin(500000.0, 4200000.0, 30.0, 30.0))
+    args = ["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--inputs", str(scene_file),
+            "--window", "32", "--batch_size", "4", "--probabilities", "true"]
+    killed = tmp_path / "killed"
+    run = subprocess.Popen([sys.executable, "-m", "workbench.cli", *args, "--output_dir", str(killed)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, deadline = killed / ".scene.progress.json", time.monotonic() + 300
+    while not progress.is_file() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    rows = json.loads(progress.read_text())["rows"]
+    assert 0 < rows < 2048 and not (killed / "scene_classes.tif").exists()
+
+    assert main([*args, "--output_dir", str(killed)]) == 0
+    assert f"resuming scene after row {rows} of 2048" in capsys.readouterr().out
+    assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    for name in ("scene_classes.tif", "scene_probabilities.tif"):
+        np.testing.assert_array_equal(read(killed / name), read(tmp_path / "whole" / name))
+    from PIL import Image
+
+    quicklooks = [np.asarray(Image.open(folder / "scene_quicklook.png")) for folder in (killed, tmp_path / "whole")]
+    np.testing.assert_array_equal(*quicklooks)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())

@@ -27,6 +27,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def take_lock(lock: Path, holder: str, fix: str, own_pid_conflicts: bool = True) -> None:
+    """Create ``lock`` holding this process's pid, or refuse in one line (``holder`` formatted with
+    the ``pid`` holding it, then "wait for it" and ``fix``) while a live process holds it; a lock of
+    a process that is gone (killed) is taken over. ``own_pid_conflicts=False``: a lock of this very
+    process (an earlier run in it that failed) is taken over too."""
+    from workbench.errors import UserInputError
+
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock.read_text().strip()
+            mine = pid == str(os.getpid())
+            if pid.isdigit() and _alive(int(pid)) and (own_pid_conflicts or not mine):
+                raise UserInputError(f"another {holder.format(pid=pid)}: wait for it {fix}") from None
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path``, atomically."""
     with atomic_path(path) as tmp:

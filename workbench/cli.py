@@ -6,7 +6,10 @@ Heavy imports (torch, lightning) happen only once a command that needs them runs
 
 from __future__ import annotations
 
+import errno
 import sys
+from pathlib import Path
+from argparse import ArgumentError
 from typing import Any
 
 from workbench.config import config_parser, link_data_to_model
@@ -31,6 +34,7 @@ Run `workbench <command> --help` for a command's options, and
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")  # --ckpt_path values that name no file
 
 
 def _lightning_cli_class() -> tuple[type, type, type]:
@@ -38,7 +42,7 @@ def _lightning_cli_class() -> tuple[type, type, type]:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from workbench.atomic import write_json
+    from workbench.atomic import take_lock, write_json
     from workbench.checkpoints import read_lightning_checkpoint
     from workbench.resume import ResumeRNG, continue_metrics, run_version
     from workbench.run_stats import RunStats
@@ -65,14 +69,36 @@ def _lightning_cli_class() -> tuple[type, type, type]:
             if init is not None and init.get("version") is None and {"save_dir", "name"} <= set(vars(init)):
                 init.version = run_version(config.ckpt_path, init.save_dir, init.name)
 
+        def _parse_ckpt_path(self) -> None:
+            """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: an unreadable
+            file is named in one line instead."""
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+            if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
+                read_lightning_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+            super()._parse_ckpt_path()
+
         def before_fit(self) -> None:
             self.run_stats = RunStats()
             self.trainer.callbacks += [self.run_stats, ResumeRNG()]
             ckpt, logger = self.config.fit.ckpt_path, self.trainer.logger
             if ckpt and isinstance(logger, CSVLogger) and run_version(ckpt, logger.save_dir, logger.name) is not None:
                 continue_metrics(logger, read_lightning_checkpoint(ckpt, "--ckpt_path", mmap=True)["global_step"])
+            log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+            self.run_lock = Path(log_dir) / ".workbench.lock" if log_dir and self.trainer.is_global_zero else None
+            if self.run_lock is not None:  # two fits never write one run folder
+                self.run_lock.parent.mkdir(parents=True, exist_ok=True)
+                take_lock(self.run_lock, f"workbench fit (pid {{pid}}) is writing {log_dir}",
+                          "or set another trainer.logger.init_args.version", own_pid_conflicts=False)
 
         def after_fit(self) -> None:
+            try:
+                self.test_and_report()
+            finally:
+                if self.run_lock is not None:
+                    self.run_lock.unlink(missing_ok=True)
+
+        def test_and_report(self) -> None:
+            """Validate and test the best checkpoint; write ``results.json``."""
             if not self.config.fit.test_after_fit or self.trainer.fast_dev_run:
                 return
             ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
@@ -110,6 +136,8 @@ def run_lightning(args: list[str] | None) -> None:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        # parse errors raise (not print usage and exit), so main() can explain them in one line
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
         args=args,
     )
 
@@ -130,11 +158,40 @@ def run_stats(args: list[str]) -> dict[str, Any]:
 
 
 def user_error(err: BaseException) -> UserInputError | None:
-    """The :class:`UserInputError` behind ``err``, if any (jsonargparse wraps init errors)."""
+    """The :class:`UserInputError` behind ``err``, if any (jsonargparse wraps init errors); a
+    refused config as one, its unknown key named (:func:`explain_config_error`)."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserInputError):
             return err
+        if isinstance(err, ArgumentError):  # jsonargparse refused the config
+            from workbench.config_errors import explain_config_error
+
+            return UserInputError(explain_config_error(str(err)) or str(err))
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def storage_error(err: BaseException) -> UserInputError | None:
+    """A full disk, quota or read-only / forbidden folder behind ``err``, as one line naming the
+    file. The half-copied destination of a failed move is removed: Lightning (through fsspec)
+    commits a checkpoint by moving it from the system's temporary folder, which across file
+    systems is a copy that a full disk cuts short."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRORS:
+            target = err.filename2 or err.filename
+            if err.filename2 and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a copy cut short, not a refused rename
+                Path(err.filename2).unlink(missing_ok=True)
+            return UserInputError(
+                f"writing {target} failed ({err.strerror}): free disk space or choose a writable folder "
+                "(fit/compare: trainer.logger.init_args.save_dir or --output_dir; predict, merge: --output_dir, "
+                "--output); files written before are intact"
+            )
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
@@ -173,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
     except Exception as err:
-        cause = user_error(err)
+        cause = user_error(err) or storage_error(err)
         if cause is None:
             raise
         print(f"workbench: error: {cause}", file=sys.stderr)

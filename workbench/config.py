@@ -18,7 +18,7 @@ def config_parser(prog: str, description: str, sections: tuple[str, ...]) -> Any
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    parser = ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)  # main() explains errors
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     if "model" in sections:

@@ -7,3 +7,13 @@ its traceback.
 
 class UserInputError(ValueError):
     """Bad input from the user: the message names the file/band/key/field and the fix."""
+
+
+class UnreadableFile(UserInputError):
+    """A data file that cannot be read (truncated, corrupt, not a raster): ``bad_files: skip`` may
+    pass over it."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library error's message (GDAL's can run over several)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -23,6 +23,7 @@ def parser() -> Any:
         description="Fit one base config under a list of strategies (and training fractions and seeds), "
         "then write results.csv, results.md and plots to --output_dir. Finished arms are not re-run; an "
         "interrupted arm resumes from its last checkpoint.",
+        exit_on_error=False,  # main() explains errors in one line
     )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with the options below")
     p.add_argument("--base_config", type=str, required=True, help="the fit config every arm runs")
@@ -59,8 +60,11 @@ def run_arm(arm: Arm, base_config: str, out_dir: Path, fit_args: list[str]) -> d
         code = subprocess.call([sys.executable, "-m", "workbench.cli", *args], stdout=stream, stderr=subprocess.STDOUT)
     results = arm_results(out_dir / arm.name)
     if code != 0 or results is None:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise UserInputError(f"arm {arm.name} failed (exit {code}); its log is {log}:\n{tail}")
+        lines = log.read_text().splitlines(keepends=True)
+        explained = [line.removeprefix("workbench: error: ").strip() for line in lines if line.startswith("workbench: error: ")]
+        if explained:  # the fit's own one-line error
+            raise UserInputError(f"arm {arm.name}: {explained[-1]} (log: {log})")
+        raise UserInputError(f"arm {arm.name} failed (exit {code}); its log is {log}:\n{''.join(lines[-15:])}")
     return results
 
 

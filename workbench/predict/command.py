@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from rasterio.errors import RasterioError
 
 from datamodules.scenes import SceneSource
 from workbench.checkpoints import load_lightning_weights, read_lightning_checkpoint
 from workbench.config import config_parser
-from workbench.errors import UserInputError
+from workbench.errors import UnreadableFile, UserInputError, first_line
 from workbench.predict.fields import predict_fields
 from workbench.predict.tiled import TiledPredictor
 from workbench.tasks.dense import PixelPredictor
 from workbench.tasks.weather import FieldUnits
 
 RASTER_SUFFIXES = (".tif", ".tiff")
+log = logging.getLogger(__name__)
 
 
 def expand_inputs(inputs: list[str]) -> list[list[Path]]:
@@ -69,6 +74,14 @@ def scene_source(data: Any) -> SceneSource:
     return data
 
 
+def resume_key(files: list[Path], settings: dict[str, Any]) -> str:
+    """What a resumed scene must share with the killed run: the input and checkpoint files (path,
+    size, modification time) and the settings that shape the outputs."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    text = json.dumps({"files": stats, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def process_rank() -> tuple[int, int, int]:
     """``(rank, world size, local rank)`` of this process under ``torchrun`` (``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM ``srun`` (``SLURM_PROCID``, ...); ``(0, 1, 0)`` alone."""
@@ -100,6 +113,9 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     parser.add_argument("--probabilities", type=bool, default=False, help="also write class probabilities")
     parser.add_argument("--quicklook", type=bool, default=True, help="write a PNG quicklook per scene")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bad_files", type=Literal["fail", "skip"], default="fail",
+                        help="a scene that cannot be read (truncated, corrupt, not a raster): stop with its name "
+                             "(fail) or warn and map the others (skip)")
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
     data, task = init.data, init.model
@@ -142,7 +158,21 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     mine = list(zip(scenes, scene_stems(scenes)))[rank::world]  # several processes: scenes split round-robin
     if world > 1:
         print(f"workbench: rank {rank} of {world} maps {len(mine)} of {len(scenes)} scenes on {device}")
+    settings = {k: cfg.get(k) for k in ("data", "model", "ckpt_path", "probabilities", "quicklook")}
     for files, stem in mine:
-        written[stem] = predictor.predict_scene(files, out_dir, stem, cfg.probabilities, cfg.quicklook)
+        try:
+            key = resume_key([*files, *([Path(cfg.ckpt_path)] if cfg.ckpt_path else [])],
+                             {**settings, "window": window, "overlap": overlap})
+            written[stem] = predictor.predict_scene(files, out_dir, stem, cfg.probabilities, cfg.quicklook, key)
+        except UnreadableFile as err:
+            if cfg.bad_files == "fail":
+                raise UnreadableFile(f"{err}; or pass --bad_files skip to map the other scenes") from None
+            log.warning("skipping scene %s: %s", stem, err)
+            continue
+        except (OSError, RasterioError) as err:  # reading errors are named by the reader; these are writes
+            raise UserInputError(
+                f"writing the outputs of {stem} to {out_dir} failed ({first_line(err)}): free disk space or choose a "
+                f"writable --output_dir; scenes finished before it ({len(written)}) and earlier outputs are intact"
+            ) from None
         print(f"workbench: {stem} → {', '.join(str(p) for p in written[stem].values())}")
     return written

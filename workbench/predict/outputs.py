@@ -15,6 +15,7 @@ import rasterio.shutil
 from PIL import Image
 from rasterio.windows import Window
 
+from workbench.atomic import atomic_path, take_lock, write_json
 from workbench.tasks.dense import PixelOutput
 
 CLASS_NODATA = 255
@@ -39,34 +40,44 @@ def stretch(bands: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.clip(scaled, 0, 1))
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
+def _hidden(path: Path, stage: str) -> Path:
+    """A hidden working name beside ``path``: ``.<stem>.<stage><suffix>``."""
+    return path.with_name(f".{path.stem}.{stage}{path.suffix}")
 
 
 class _BlockRows:
-    """An open tiled GeoTIFF fed with row strips, written in whole block rows."""
+    """A tiled GeoTIFF fed with row strips, written in whole block rows; ``start_row`` > 0 continues
+    a file whose first ``start_row`` rows are written."""
 
-    def __init__(self, path: Path, profile: dict, count: int, dtype: str, nodata: float, block: int) -> None:
-        self.block = block
-        self.dataset = rasterio.open(
+    def __init__(self, path: Path, profile: dict, count: int, dtype: str, nodata: float, block: int,
+                 start_row: int = 0) -> None:
+        self.path, self.block = path, block
+        self.dataset = rasterio.open(path, "r+") if start_row else rasterio.open(
             path, "w", driver="GTiff", height=profile["height"], width=profile["width"], count=count,
             dtype=dtype, crs=profile["crs"], transform=profile["transform"], nodata=nodata,
             tiled=True, blockxsize=block, blockysize=block, compress="deflate",
         )
         self.pending: list[np.ndarray] = []
-        self.next_row = 0
+        self.next_row = start_row
 
-    def write(self, rows: np.ndarray, final: bool = False) -> None:
-        """Append ``(count, r, W)`` rows; flush whole block rows (and the rest when ``final``)."""
+    def write(self, rows: np.ndarray, final: bool = False) -> bool:
+        """Append ``(count, r, W)`` rows; write whole block rows (and the rest when ``final``) to
+        the file. True when rows were written."""
         self.pending.append(rows)
         buffered = sum(p.shape[1] for p in self.pending)
         if buffered < self.block and not final:
-            return
+            return False
         data = np.concatenate(self.pending, axis=1)
         keep = data.shape[1] if final else data.shape[1] // self.block * self.block
         self.dataset.write(data[:, :keep], window=Window(0, self.next_row, data.shape[2], keep))
         self.next_row += keep
         self.pending = [data[:, keep:]] if keep < data.shape[1] else []
+        return keep > 0
+
+    def persist(self) -> None:
+        """Put the written rows on disk (GDAL writes its block cache and the TIFF directory on close)."""
+        self.dataset.close()
+        self.dataset = rasterio.open(self.path, "r+")
 
 
 class SceneWriter:
@@ -76,7 +87,11 @@ class SceneWriter:
     ``probabilities``, ``quicklook``; Cloud-Optimized GeoTIFF layout, same
     CRS/transform/size as the input.
 
-    Use as a context manager: on error the partial files are removed.
+    Use as a context manager. Files appear under their final names only when complete; until then
+    they are hidden partial files, and ``.<stem>.lock`` refuses a second writer of the same scene.
+    With a ``resume_key`` every finished block row is put on disk with a progress note, so a run
+    killed (or interrupted with Ctrl-C) and started again with the same key continues after the
+    rows already written (:attr:`row`); on any other error the partial files are removed.
     """
 
     def __init__(
@@ -89,6 +104,7 @@ class SceneWriter:
         quicklook: bool = True,
         block: int = 256,
         kind: PixelOutput = PixelOutput.CLASSES,
+        resume_key: str | None = None,
     ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.names = names
@@ -100,16 +116,41 @@ class SceneWriter:
             self.paths["quicklook"] = out_dir / f"{stem}_quicklook.png"
         self.height, self.width = profile["height"], profile["width"]
         self.step = max(1, math.ceil(max(self.height, self.width) / QUICKLOOK_SIZE))
-        layout = {PixelOutput.CLASSES: (1, "uint8", CLASS_NODATA),
-                  PixelOutput.VALUES: (len(names), "float32", float("nan"))}[kind]
-        self.streams = {kind.value: _BlockRows(_tmp(self.paths[kind.value]), profile, *layout, block)}
-        if "probabilities" in self.paths:
-            self.streams["probabilities"] = _BlockRows(
-                _tmp(self.paths["probabilities"]), profile, len(names), "float32", float("nan"), block
-            )
-        self.small_rgb: list[np.ndarray] = []
-        self.small_out: list[np.ndarray] = []
-        self.row = 0
+        self.partial = {key: _hidden(path, "partial") for key, path in self.paths.items()}
+        self.cog = {key: _hidden(path, "cog") for key, path in self.paths.items()}
+        self.lock, self.progress = out_dir / f".{stem}.lock", out_dir / f".{stem}.progress.json"
+        self.small_path = out_dir / f".{stem}.quicklook.npz"
+        self.resume_key = resume_key
+        take_lock(self.lock, f"workbench predict (pid {{pid}}) is writing {stem} in {out_dir}",
+                  "or choose another --output_dir")
+        try:
+            self.row = self._rows_done()
+            layout = {PixelOutput.CLASSES: (1, "uint8", CLASS_NODATA),
+                      PixelOutput.VALUES: (len(names), "float32", float("nan"))}[kind]
+            self.streams = {kind.value: _BlockRows(self.partial[kind.value], profile, *layout, block, self.row)}
+            if "probabilities" in self.paths:
+                self.streams["probabilities"] = _BlockRows(
+                    self.partial["probabilities"], profile, len(names), "float32", float("nan"), block, self.row
+                )
+            self.small_out: list[np.ndarray] = []
+            self.small_rgb: list[np.ndarray] = []
+            if self.row:
+                with np.load(self.small_path) as small:
+                    self.small_out.append(small["out"])
+                    self.small_rgb += [small["rgb"]] if "rgb" in small else []
+        except BaseException:
+            self.lock.unlink(missing_ok=True)
+            raise
+
+    def _rows_done(self) -> int:
+        """Rows a killed run with the same ``resume_key`` left on disk (0: start afresh)."""
+        if self.resume_key is None or not self.progress.is_file():
+            return 0
+        note = json.loads(self.progress.read_text())
+        files = [self.partial[k] for k in self.paths if k != "quicklook"] + [self.small_path]
+        if note.get("key") != self.resume_key or not all(f.is_file() for f in files):
+            return 0
+        return int(note["rows"])
 
     def __enter__(self) -> SceneWriter:
         return self
@@ -122,7 +163,7 @@ class SceneWriter:
             primary = np.where(valid, out.argmax(0), CLASS_NODATA).astype(np.uint8)[None]
         else:
             primary = np.where(valid, out, np.nan).astype(np.float32)
-        self.streams[self.kind.value].write(primary, final)
+        wrote = self.streams[self.kind.value].write(primary, final)
         if "probabilities" in self.streams:
             self.streams["probabilities"].write(np.where(valid, out, np.nan).astype(np.float32), final)
         picked = np.arange(-self.row % self.step, out.shape[1], self.step)
@@ -130,6 +171,20 @@ class SceneWriter:
         if rgb is not None:
             self.small_rgb.append(np.where(valid, rgb, np.nan)[:, picked, :: self.step])
         self.row += out.shape[1]
+        if wrote and not final and self.resume_key is not None:
+            self._save_progress()
+
+    def _save_progress(self) -> None:
+        """Put the block rows written so far on disk, then note how many (and their quicklook rows)."""
+        for stream in self.streams.values():
+            stream.persist()
+        rows = self.streams[self.kind.value].next_row
+        small = {"out": np.concatenate(self.small_out, axis=0)[: len(range(0, rows, self.step))]}
+        if self.small_rgb:
+            small["rgb"] = np.concatenate(self.small_rgb, axis=1)[:, : len(small["out"])]
+        with atomic_path(self.small_path) as tmp:
+            np.savez(tmp, **small)
+        write_json(self.progress, {"key": self.resume_key, "rows": rows})
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for stream in self.streams.values():
@@ -138,12 +193,14 @@ class SceneWriter:
             if exc_type is None:
                 self._finish()
         finally:
-            for path in self.paths.values():
-                _tmp(path).unlink(missing_ok=True)
-                path.with_name(f".{path.stem}.cog{path.suffix}").unlink(missing_ok=True)
+            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+            if not (interrupted and self.progress.is_file()):  # Ctrl-C keeps what can be resumed
+                for staging in (*self.partial.values(), *self.cog.values(), self.progress, self.small_path):
+                    staging.unlink(missing_ok=True)
+            self.lock.unlink(missing_ok=True)
 
     def _finish(self) -> None:
-        with rasterio.open(_tmp(self.paths[self.kind.value]), "r+") as dst:
+        with rasterio.open(self.partial[self.kind.value], "r+") as dst:
             if self.kind is PixelOutput.CLASSES:
                 dst.write_colormap(1, {i: (*c, 255) for i, c in class_colors(self.names).items()})
                 dst.update_tags(class_names=json.dumps(self.names))
@@ -152,19 +209,18 @@ class SceneWriter:
                 for i, name in enumerate(self.names, start=1):
                     dst.set_band_description(i, name)
         if "probabilities" in self.paths:
-            with rasterio.open(_tmp(self.paths["probabilities"]), "r+") as dst:
+            with rasterio.open(self.partial["probabilities"], "r+") as dst:
                 for i, name in enumerate(self.names, start=1):
                     dst.set_band_description(i, f"probability_{name}")
         for key, resampling in ((PixelOutput.CLASSES, "NEAREST"), (PixelOutput.VALUES, "AVERAGE"),
                                 ("probabilities", "AVERAGE")):
             if key in self.paths:
-                self._to_cog(_tmp(self.paths[key]), self.paths[key], resampling)
+                self._to_cog(self.partial[key], self.cog[key], self.paths[key], resampling)
         if "quicklook" in self.paths:
             self._write_quicklook()
 
     @staticmethod
-    def _to_cog(src: Path, dst: Path, resampling: str) -> None:
-        staging = dst.with_name(f".{dst.stem}.cog{dst.suffix}")
+    def _to_cog(src: Path, staging: Path, dst: Path, resampling: str) -> None:
         rasterio.shutil.copy(
             src, staging, driver="COG", compress="DEFLATE", blocksize=256, overview_resampling=resampling
         )
@@ -185,6 +241,6 @@ class SceneWriter:
             panels.insert(0, (stretch(rgb) * 255).astype(np.uint8).transpose(1, 2, 0))
         gap = np.full((small.shape[0], 8, 3), 255, dtype=np.uint8)
         image = np.concatenate([panels[0], gap, panels[1]], axis=1) if len(panels) == 2 else panels[0]
-        staging = _tmp(self.paths["quicklook"])
+        staging = self.partial["quicklook"]
         Image.fromarray(image).save(staging, format="PNG")
         staging.replace(self.paths["quicklook"])

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
 from datamodules.normalize import Preprocessor
 from datamodules.scenes import SceneSpec
-from workbench.errors import UserInputError
+from workbench.errors import UnreadableFile, UserInputError, first_line
 from workbench.predict.outputs import SceneWriter
 from workbench.predict.windows import WindowPlan, blend_weights
 from workbench.tasks.dense import PixelPredictor
@@ -30,7 +31,7 @@ class SceneReader:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise UserInputError(f"input file(s) not found: {missing}")
-        self.sources = [stack.enter_context(rasterio.open(f)) for f in files]
+        self.sources = [stack.enter_context(open_scene(f)) for f in files]
         first = self.sources[0]
         for src in self.sources:
             self._check(src, spec, len(files), num_frames)
@@ -45,6 +46,11 @@ class SceneReader:
 
     @staticmethod
     def _check(src: rasterio.DatasetReader, spec: SceneSpec, files: int, num_frames: int) -> None:
+        if src.crs is None or src.transform.is_identity:
+            raise UserInputError(
+                f"{src.name} has no {'CRS' if src.crs is None else 'geotransform'}, so the outputs could not be "
+                "georeferenced: assign it before predicting (e.g. gdal_edit.py -a_srs EPSG:<code> -a_ullr ...)"
+            )
         expected = spec.bands_per_file * (num_frames if files == 1 else 1) if spec.bands_per_file else None
         if files > 1 and files != num_frames:
             raise UserInputError(f"{files} files given for one scene but the model takes {num_frames} frames")
@@ -65,11 +71,26 @@ class SceneReader:
     def read(self, window: Window) -> np.ndarray:
         """``(L, size, size)`` raw layers; outside the scene filled with nodata (or 0)."""
         fill = self.nodata if self.nodata is not None else 0
-        parts = [
-            src.read([i + 1 for i in layers], window=window, boundless=True, fill_value=fill)
-            for src, layers in zip(self.sources, self.layers)
-        ]
+        parts = []
+        for src, layers in zip(self.sources, self.layers):
+            try:
+                parts.append(src.read([i + 1 for i in layers], window=window, boundless=True, fill_value=fill))
+            except RasterioError as err:
+                raise UnreadableFile(
+                    f"{src.name}: reading rows {window.row_off}-{window.row_off + window.height} failed "
+                    f"({first_line(err)}): the file is truncated or corrupt; re-download or re-export it"
+                ) from None
         return np.concatenate(parts, axis=0)
+
+
+def open_scene(path: Path) -> rasterio.DatasetReader:
+    """``rasterio.open(path)`` with an unreadable file (not a raster, zero bytes, cut header) named."""
+    try:
+        return rasterio.open(path)
+    except RasterioError as err:
+        raise UnreadableFile(
+            f"{path} is not a readable raster ({first_line(err)}): give a complete GeoTIFF (re-download or re-export it)"
+        ) from None
 
 
 class TiledPredictor:
@@ -109,16 +130,24 @@ class TiledPredictor:
 
     @torch.inference_mode()
     def _predict(self, arrays: list[np.ndarray], nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw windows → outputs ``(N, K, s, s)`` and valid masks ``(N, s, s)``."""
+        """Raw windows → outputs ``(N, K, s, s)`` and valid masks ``(N, s, s)``; windows without a
+        valid pixel (nodata or NaN everywhere) are not run through the model (zeros: written as nodata)."""
         images, valids = zip(*(self.preprocess(a, nodata) for a in arrays))
-        batch = {"image": torch.stack(images).to(self.device)}
-        out = self.task.predict_step(batch, 0).float().cpu().numpy()
-        return out, torch.stack(valids).numpy()
+        valid = torch.stack(valids).numpy()
+        run = valid.any((1, 2))
+        out = np.zeros((len(arrays), len(self.task.output_names), *valid.shape[1:]), np.float32)
+        if run.any():
+            batch = {"image": torch.stack([image for image, keep in zip(images, run) if keep]).to(self.device)}
+            out[run] = self.task.predict_step(batch, 0).float().cpu().numpy()
+        return out, valid
 
     def predict_scene(
         self, files: list[Path], out_dir: Path, stem: str, probabilities: bool = False, quicklook: bool = True,
+        resume_key: str | None = None,
     ) -> dict[str, Path]:
-        """Predict one scene into ``out_dir``; returns the written paths by kind."""
+        """Predict one scene into ``out_dir``; returns the written paths by kind. With a
+        ``resume_key`` (naming the model, scene and settings) a run killed part-way and started
+        again continues after the block rows it finished, with the same result."""
         with ExitStack() as stack:
             stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))  # bounded block cache
             reader = SceneReader(files, self.spec, self.preprocess.num_frames, stack)
@@ -126,9 +155,13 @@ class TiledPredictor:
             height, width = reader.profile["height"], reader.profile["width"]
             plan = WindowPlan(height, width, self.window, self.overlap)
             names = self.task.output_names
-            writer = stack.enter_context(
-                SceneWriter(out_dir, stem, reader.profile, names, probabilities, quicklook, kind=self.task.output_kind)
-            )
+            writer = stack.enter_context(SceneWriter(
+                out_dir, stem, reader.profile, names, probabilities, quicklook, kind=self.task.output_kind,
+                resume_key=resume_key,
+            ))
+            done = writer.row  # rows a killed run left on disk
+            if done:
+                print(f"workbench: resuming {stem} after row {done} of {height}")
             progress = stack.enter_context(tqdm(total=len(plan), desc=stem, unit="window"))
             band = min(self.window, height)
             acc = np.zeros((len(names), band, width), np.float32)
@@ -137,6 +170,9 @@ class TiledPredictor:
             rgb = np.zeros((3, band, width), np.float32) if self.spec.rgb else None
             start, done_px = time.perf_counter(), 0
             for r, top in enumerate(plan.rows):
+                if top + self.window <= done:  # its windows touch finished rows only
+                    progress.update(len(plan.cols))
+                    continue
                 h = min(self.window, height - top)
                 for i in range(0, len(plan.cols), self.batch_size):
                     cols = plan.cols[i:i + self.batch_size]
@@ -152,10 +188,11 @@ class TiledPredictor:
                             rgb[:, :h, c:c + w] = raw[j][self.spec.rgb, :h, :w]
                     progress.update(len(cols))
                 final = plan.final_rows(r) - top
-                writer.write(
-                    acc[:, :final] / wsum[:final], valid[:final], None if rgb is None else rgb[:, :final]
-                )
-                done_px += final * width
+                skip = min(final, max(0, done - top))  # rows on disk already (incomplete sums here)
+                if final > skip:
+                    writer.write(acc[:, skip:final] / wsum[skip:final], valid[skip:final],
+                                 None if rgb is None else rgb[:, skip:final])
+                done_px += (final - skip) * width
                 progress.set_postfix_str(f"{done_px / (time.perf_counter() - start):,.0f} px/s")
                 for buffer in (acc, wsum, valid, rgb):  # carry the unfinished rows up, clear the rest
                     if buffer is not None:
