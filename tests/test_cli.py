@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import rasterio
 import yaml
 
 from tests.conftest import TINY_BACKBONE, majority_class_miou, write_config
+from workbench import help_cache
 from workbench.cli import main
 
 
@@ -30,6 +32,37 @@ def test_help_is_fast_and_lists_commands() -> None:
     )
     assert "fit" in out.stdout and "stats" in out.stdout
     assert "torch" not in out.stderr.split(), "workbench --help imported torch"
+
+
+def test_command_help_is_cached_without_importing_torch(tmp_path: Path) -> None:
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path)}
+
+    def fit_help() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "workbench.cli", "fit", "--help"],
+                              capture_output=True, text=True, check=True, env=env)
+
+    built, cached = fit_help(), fit_help()
+    assert "torch" in built.stderr.split()  # the first call builds the help from the classes
+    assert "--trainer.max_epochs" in built.stdout and cached.stdout == built.stdout
+    assert "torch" not in cached.stderr.split(), "the cached help imported torch"
+
+
+def test_help_cache_is_rebuilt_when_a_library_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    assert main(["merge", "--help"]) == 0
+    built = capsys.readouterr().out
+    (entry,) = (tmp_path / "help").iterdir()
+    assert entry.read_text() == built and "--checkpoints" in built
+    entry.write_text("from the cache\n")
+    main(["merge", "--help"])
+    assert capsys.readouterr().out == "from the cache\n"
+    monkeypatch.setattr(help_cache, "LIBRARIES", (*help_cache.LIBRARIES, "pytest"))  # as if a version changed
+    main(["merge", "--help"])
+    assert capsys.readouterr().out == built
+    with pytest.raises(SystemExit):  # help with other arguments is built by argparse, never cached
+        main(["merge", "--checkpoints", "a.ckpt", "--help"])
+    assert capsys.readouterr().out == built and len(list((tmp_path / "help").iterdir())) == 2
 
 
 def test_fit_lowers_loss_tests_and_exports(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from workbench.config import config_parser, link_data_to_model
 from workbench.errors import UserInputError
+from workbench.help_cache import print_help
 
 USAGE = """\
 usage: workbench <command> [--config CONFIG.yaml] [--section.key value ...]
@@ -41,9 +42,11 @@ def _lightning_cli_class() -> tuple[type, type, type]:
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
     from workbench.atomic import take_lock, write_json
     from workbench.checkpoints import read_lightning_checkpoint
+    from workbench.precision import auto_precision
     from workbench.resume import ResumeRNG, continue_metrics, run_version
     from workbench.run_stats import RunStats
     from workbench.tasks import BaseTask
@@ -58,11 +61,23 @@ def _lightning_cli_class() -> tuple[type, type, type]:
                 default=True,
                 help="After fit, validate and test the best checkpoint and write results.json.",
             )
+            parser.add_argument(
+                "--auto_precision",
+                type=bool,
+                default=False,
+                help="Choose trainer.precision from the hardware when it is unset: bf16-mixed on GPUs and "
+                "CPUs with bfloat16 instructions (AVX512-BF16, AMX), 16-mixed on older GPUs, else 32-true.",
+            )
             link_data_to_model(parser)
 
         def before_instantiate_classes(self) -> None:
-            """Resuming from a run's checkpoint continues that run's folder (logger version)."""
+            """With ``auto_precision``, an unset ``trainer.precision`` is chosen from the hardware;
+            resuming from a run's checkpoint continues that run's folder (logger version)."""
             config = self.config.get(self.subcommand)
+            if config.auto_precision and config.trainer.precision is None:
+                config.trainer.precision, why = auto_precision(str(config.trainer.accelerator))
+                rank_zero_only(print)(f"workbench: trainer.precision {config.trainer.precision} ({why}); "
+                                      "set trainer.precision: 32-true to compute in float32")
             if self.subcommand != "fit" or not config.ckpt_path:
                 return
             init = getattr(getattr(config.trainer, "logger", None), "init_args", None)  # a logger given by class
@@ -116,6 +131,7 @@ def _lightning_cli_class() -> tuple[type, type, type]:
                         "total": report.total,
                         "backbone_trainable": report.backbone_trainable,
                         "backbone_total": report.backbone_total,
+                        "precision": str(self.trainer.precision),
                         **self.run_stats.summary(),
                         "best_checkpoint": ckpt,
                         "val": val[0] if val else {},
@@ -197,6 +213,30 @@ def storage_error(err: BaseException) -> UserInputError | None:
     return None
 
 
+COMMANDS = ("stats", "predict", "compare", "merge", *LIGHTNING_COMMANDS)
+
+
+def run_command(command: str, rest: list[str], lightning_args: list[str] | None) -> None:
+    """Run one ``workbench`` command with its arguments ``rest`` (Lightning's subcommands parse
+    ``lightning_args``, or ``sys.argv`` when None)."""
+    if command == "stats":
+        run_stats(rest)
+    elif command == "predict":
+        from workbench.predict.command import run_predict
+
+        run_predict(rest)
+    elif command == "compare":
+        from workbench.compare.command import run_compare
+
+        run_compare(rest)
+    elif command == "merge":
+        from workbench.merge.command import run_merge
+
+        run_merge(rest)
+    else:
+        run_lightning(lightning_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``workbench`` console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -209,26 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    lightning_args = None if argv is None else args
     try:
-        if command == "stats":
-            run_stats(rest)
-        elif command == "predict":
-            from workbench.predict.command import run_predict
-
-            run_predict(rest)
-        elif command == "compare":
-            from workbench.compare.command import run_compare
-
-            run_compare(rest)
-        elif command == "merge":
-            from workbench.merge.command import run_merge
-
-            run_merge(rest)
-        elif command in LIGHTNING_COMMANDS:
-            run_lightning(None if argv is None else args)
-        else:
-            print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-            return 2
+        if not print_help(command, rest, lambda: run_command(command, rest, lightning_args)):
+            run_command(command, rest, lightning_args)
     except Exception as err:
         cause = user_error(err) or storage_error(err)
         if cause is None:

@@ -1,0 +1,57 @@
+"""Mixed precision: the automatic choice from the hardware, and bf16 training that follows fp32's."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_config
+from workbench import precision
+from workbench.cli import main
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "bf16_gpu", "flags", "expected"),
+    [
+        ("auto", False, False, {"avx512f", "avx512_bf16"}, "bf16-mixed"),
+        ("cpu", False, False, {"avx512f", "amx_bf16"}, "bf16-mixed"),
+        ("auto", False, False, {"avx2"}, "32-true"),
+        ("auto", True, True, set(), "bf16-mixed"),
+        ("gpu", True, False, set(), "16-mixed"),
+        ("cpu", True, True, {"avx2"}, "32-true"),  # a CPU run ignores the GPU
+    ],
+)
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch, accelerator: str, cuda: bool,
+                                             bf16_gpu: bool, flags: set[str], expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    chosen, why = precision.auto_precision(accelerator)
+    assert chosen == expected and why
+
+
+def fit(tmp_path: Path, *options: str) -> tuple[dict, list[float]]:
+    """results.json and the epoch training losses of a tiny fit with ``options``."""
+    config = write_config(tmp_path)
+    assert main(["fit", "--config", str(config), "--trainer.max_epochs=4", *options]) == 0
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    with (run / "metrics.csv").open() as stream:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(stream) if r.get("train/loss_epoch")]
+    return json.loads((run / "results.json").read_text()), losses
+
+
+def test_bf16_training_follows_fp32_and_auto_is_recorded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fp32, fp32_losses = fit(tmp_path / "fp32")
+    assert fp32["precision"] == "32-true"  # nothing chosen without auto_precision
+    bf16, bf16_losses = fit(tmp_path / "bf16", "--trainer.precision=bf16-mixed")
+    assert bf16["precision"] == "bf16-mixed"
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.02)  # the same curve, within bf16 rounding
+    assert bf16_losses[-1] < bf16_losses[0]
+    auto, _ = fit(tmp_path / "auto", "--auto_precision=true")
+    assert auto["precision"] == precision.auto_precision("cpu")[0]
+    assert f"trainer.precision {auto['precision']}" in capsys.readouterr().out
