@@ -60,7 +60,8 @@ def terratorch_case(args: argparse.Namespace) -> dict:
         step()
     seconds = time.perf_counter() - start
     return {"tool": f"terratorch {version('terratorch')}", "strategy": args.strategy,
-            "trainable": sum(p.numel() for p in trainable), "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
+            "trainable": sum(p.numel() for p in trainable),
+            "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
             "step_s": round(seconds / args.steps, 3)}
 
 
@@ -76,10 +77,12 @@ def last_json(command: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer_python", required=True, help="Python of an environment with terratorch installed")
-    parser.add_argument("--strategies", nargs="+", default=["full", "lora", "frozen"], choices=["full", "lora", "frozen"])
+    parser.add_argument("--strategies", nargs="+", default=["full", "lora", "frozen"],
+                        choices=["full", "lora", "frozen"])
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--neck", default="wide", choices=["wide", "lean"], help="our ViT pyramid neck")
     parser.add_argument("--peer_case", default=None, help=argparse.SUPPRESS)  # internal: run one TerraTorch case
     args = parser.parse_args()
     if args.peer_case:
@@ -89,8 +92,11 @@ def main() -> None:
     common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--steps={args.steps}"]
     train = Path(__file__).with_name("train.py")
     for strategy in args.strategies:
-        ours_spec = f"lora:rank=8,alpha=16,target_modules=[{','.join(LORA_TARGETS)}]" if strategy == "lora" else strategy
-        ours = last_json([sys.executable, str(train), f"--case=100m,off,{ours_spec}", "--device=cpu", *common])
+        ours_spec = strategy
+        if strategy == "lora":
+            ours_spec = f"lora:rank=8,alpha=16,target_modules=[{','.join(LORA_TARGETS)}]"
+        ours = last_json([sys.executable, str(train), f"--case=100m,off,{ours_spec}", "--device=cpu",
+                          f"--neck={args.neck}", *common])
         peer = last_json([args.peer_python, __file__, f"--peer_case={strategy}", f"--peer_python={args.peer_python}",
                           *common])
         print(json.dumps({"tool": "workbench", **ours}), flush=True)

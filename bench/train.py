@@ -50,7 +50,7 @@ def run_case(args: argparse.Namespace) -> dict:
     else:
         backbone = timm.create_model(SIZES[args.size], img_size=args.img_size, num_frames=args.frames)
         backbone.set_grad_checkpointing(args.checkpointing)
-    model = build_encoder_decoder(backbone, "unet" if cnn else "uper", 256, 2).to(device)
+    model = build_encoder_decoder(backbone, "unet" if cnn else "uper", 256, 2, neck=args.neck).to(device)
     class_path, options = parse_strategy(args.strategy)
     module, name = class_path.rsplit(".", 1)
     strategy_class = getattr(importlib.import_module(module), name)
@@ -89,7 +89,8 @@ def run_case(args: argparse.Namespace) -> dict:
     return {
         "backbone": SIZES[args.size], "strategy": args.strategy, "checkpointing": args.checkpointing,
         "trainable": report.trainable, "total": report.total, "batch_size": args.batch_size,
-        "img_size": args.img_size, "frames": args.frames, "precision": args.precision, "device": str(device),
+        "img_size": args.img_size, "frames": args.frames, "precision": args.precision, "neck": args.neck,
+        "device": str(device),
         "steps": args.steps, "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
         "step_s": round(seconds / args.steps, 3), "peak_mib": round(peak, 1),
         "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--neck", default="wide", choices=["wide", "lean"],
+                        help="ViT pyramid neck (model.init_args.neck)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: size,on|off,strategy
     args = parser.parse_args()
@@ -116,7 +119,8 @@ def main() -> None:
         print(json.dumps(run_case(args)), flush=True)
         return
     common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--frames={args.frames}",
-              f"--steps={args.steps}", f"--precision={args.precision}", f"--device={args.device}"]
+              f"--steps={args.steps}", f"--precision={args.precision}", f"--device={args.device}",
+              f"--neck={args.neck}"]
     for size in args.sizes:
         for strategy in args.strategies:
             for on in args.checkpointing:

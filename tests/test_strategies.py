@@ -54,6 +54,22 @@ def test_pyramid_neck_and_decoders() -> None:
     assert build_neck(hierarchical) is None
 
 
+def test_lean_neck_divides_the_upsampled_channels() -> None:
+    c = 64
+    maps = [torch.randn(2, c, 4, 4) for _ in range(4)]
+    lean, wide = ViTFeaturePyramid([c] * 4, lean=True), ViTFeaturePyramid([c] * 4)
+    assert lean.out_channels == [16, 32, 64, 64]
+    assert [tuple(f.shape[1:]) for f in lean(maps)] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 2, 2)]
+    transposed = lambda i, o: i * o * 4 + o  # noqa: E731  (2x2 kernel + bias)
+    # x4: C -> C/2 (+ GroupNorm of C/2) -> C/4; x2: C -> C/2; identity and max-pool have none
+    expected = transposed(c, c // 2) + 2 * (c // 2) + transposed(c // 2, c // 4) + transposed(c, c // 2)
+    assert sum(p.numel() for p in lean.parameters()) == expected
+    assert sum(p.numel() for p in wide.parameters()) == 3 * transposed(c, c) + 2 * c
+    assert UPerNet(lean.out_channels, 32)(lean(maps)).shape == (2, 32, 16, 16)
+    lean_decoder, wide_decoder = UPerNet(lean.out_channels, 32), UPerNet(wide.out_channels, 32)
+    assert sum(p.numel() for p in lean_decoder.parameters()) < sum(p.numel() for p in wide_decoder.parameters())
+
+
 @pytest.mark.parametrize("decoder", ["uper", "fcn"])
 def test_logits_at_input_size(decoder: str) -> None:
     assert model(decoder=decoder)(torch.randn(2, 6, 32, 48)).shape == (2, 3, 32, 48)

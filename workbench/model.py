@@ -5,6 +5,7 @@ backbone the same way."""
 from __future__ import annotations
 
 import logging
+from typing import Literal
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -99,24 +100,26 @@ def build_encoder_decoder(
     num_classes: int = 2,
     head_dropout: float = 0.1,
     class_names: Sequence[str] | None = None,
+    neck: Literal["wide", "lean"] = "wide",
 ) -> EncoderDecoder:
     """Wire neck, decoder and head to ``backbone.feature_info`` (only the last level for decoders
     that read only the coarsest map, so no parameter goes unused — DDP requires that). A backbone
     whose checkpoint also held a decoder and head (``backbone.pretrained_decoder``) hands them to a
-    decoder of that kind, the head's rows matched to ``class_names`` by name."""
+    decoder of that kind, the head's rows matched to ``class_names`` by name. ``neck``: ``lean``
+    divides the upsampled ViT levels' channels by their factor (:class:`heads.necks.ViTFeaturePyramid`)."""
     info = backbone.feature_info
     levels = [len(info) - 1] if getattr(DECODERS.get(decoder), "coarsest_only", False) else None
     used = [info[i] for i in levels] if levels else info
     hierarchical = len({i["reduction"] for i in info}) > 1  # maps at several strides need no neck
-    neck = None if hierarchical else build_neck(used)
-    channels = neck.out_channels if neck is not None else [i["num_chs"] for i in used]
+    pyramid = None if hierarchical else build_neck(used, lean=neck == "lean")
+    channels = pyramid.out_channels if pyramid is not None else [i["num_chs"] for i in used]
     dec = build_decoder(decoder, channels, decoder_channels)
     head = PixelHead(dec.out_channels, num_classes, head_dropout, getattr(dec, "head_kernel_size", 1))
     shipped: PretrainedDecoder | None = getattr(backbone, "pretrained_decoder", None)
     loaded = shipped is not None and load_pretrained_decoder(
         shipped, decoder, dec, head, class_names or [str(i) for i in range(num_classes)])
     backbone.pretrained_decoder = None  # loaded or not used: no second copy of the tensors
-    return EncoderDecoder(backbone, neck, dec, head, levels, task_layers_pretrained=loaded)
+    return EncoderDecoder(backbone, pyramid, dec, head, levels, task_layers_pretrained=loaded)
 
 
 def load_pretrained_decoder(shipped: PretrainedDecoder, name: str, decoder: nn.Module, head: PixelHead,

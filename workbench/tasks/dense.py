@@ -48,6 +48,7 @@ class DenseTask(BaseTask):
         decoder: Literal["uper", "fcn", "unet"] = "uper",
         decoder_channels: int = 256,
         head_dropout: float = 0.1,
+        neck: Literal["wide", "lean"] = "wide",
         **kwargs: Any,
     ) -> None:
         self.num_outputs = num_outputs
@@ -57,4 +58,4 @@ class DenseTask(BaseTask):
         hp = self.hparams
         class_names = self.output_names if self.output_kind is PixelOutput.CLASSES else None
         return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout,
-                                     class_names)
+                                     class_names, hp.neck)

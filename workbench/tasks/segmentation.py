@@ -41,7 +41,7 @@ class SegmentationTask(DenseTask):
             class_names: names used in metric keys (``val/IoU_water``); linked from the datamodule.
             ignore_index: mask value excluded from the loss and the metrics.
             class_weights: optional cross-entropy weight per class.
-            **kwargs: :class:`DenseTask` arguments (decoder, decoder_channels, head_dropout) and
+            **kwargs: :class:`DenseTask` arguments (decoder, decoder_channels, head_dropout, neck) and
                 :class:`BaseTask` arguments (backbone, pretrained, strategy, optimizer, ...).
         """
         names = class_names or [str(i) for i in range(num_classes)]
