@@ -32,6 +32,7 @@ def terratorch_case(args: argparse.Namespace) -> dict:
     from terratorch.models import EncoderDecoderFactory
 
     torch.manual_seed(0)
+    torch.set_float32_matmul_precision(args.matmul_precision)  # after the import: terratorch sets "medium" on import
     peft = {"method": "LORA", "peft_config_kwargs": {"r": 8, "lora_alpha": 16, "target_modules": LORA_TARGETS}}
     model = EncoderDecoderFactory().build_model(
         task="segmentation", backbone="prithvi_eo_v2_100_tl", backbone_pretrained=False, backbone_bands=BANDS,
@@ -62,7 +63,7 @@ def terratorch_case(args: argparse.Namespace) -> dict:
     return {"tool": f"terratorch {version('terratorch')}", "strategy": args.strategy,
             "trainable": sum(p.numel() for p in trainable),
             "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
-            "step_s": round(seconds / args.steps, 3)}
+            "step_s": round(seconds / args.steps, 3), "matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def last_json(command: list[str]) -> dict:
@@ -83,13 +84,17 @@ def main() -> None:
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--neck", default="wide", choices=["wide", "lean"], help="our ViT pyramid neck")
+    parser.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision in both tools' processes (importing terratorch "
+                        "sets medium: fp32 matmuls computed in bfloat16 on CPUs and GPUs that have it)")
     parser.add_argument("--peer_case", default=None, help=argparse.SUPPRESS)  # internal: run one TerraTorch case
     args = parser.parse_args()
     if args.peer_case:
         args.strategy = args.peer_case
         print(json.dumps(terratorch_case(args)), flush=True)
         return
-    common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--steps={args.steps}"]
+    common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--steps={args.steps}",
+              f"--matmul_precision={args.matmul_precision}"]
     train = Path(__file__).with_name("train.py")
     for strategy in args.strategies:
         ours_spec = strategy

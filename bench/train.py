@@ -43,6 +43,7 @@ def run_case(args: argparse.Namespace) -> dict:
     from workbench.model import build_encoder_decoder
 
     torch.manual_seed(0)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     cnn = args.size == "csmask"
     if cnn:
@@ -90,6 +91,7 @@ def run_case(args: argparse.Namespace) -> dict:
         "backbone": SIZES[args.size], "strategy": args.strategy, "checkpointing": args.checkpointing,
         "trainable": report.trainable, "total": report.total, "batch_size": args.batch_size,
         "img_size": args.img_size, "frames": args.frames, "precision": args.precision, "neck": args.neck,
+        "matmul_precision": torch.get_float32_matmul_precision(),
         "device": str(device),
         "steps": args.steps, "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
         "step_s": round(seconds / args.steps, 3), "peak_mib": round(peak, 1),
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision: medium lets fp32 matmuls use bfloat16 inside")
     parser.add_argument("--neck", default="wide", choices=["wide", "lean"],
                         help="ViT pyramid neck (model.init_args.neck)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -120,7 +124,7 @@ def main() -> None:
         return
     common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--frames={args.frames}",
               f"--steps={args.steps}", f"--precision={args.precision}", f"--device={args.device}",
-              f"--neck={args.neck}"]
+              f"--neck={args.neck}", f"--matmul_precision={args.matmul_precision}"]
     for size in args.sizes:
         for strategy in args.strategies:
             for on in args.checkpointing:
