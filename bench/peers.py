@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--neck", default="wide", choices=["wide", "lean"], help="our ViT pyramid neck")
+    parser.add_argument("--neck", default="lean", choices=["wide", "lean"], help="our ViT pyramid neck")
     parser.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision in both tools' processes (importing terratorch "
                         "sets medium: fp32 matmuls computed in bfloat16 on CPUs and GPUs that have it)")

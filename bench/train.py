@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision: medium lets fp32 matmuls use bfloat16 inside")
-    parser.add_argument("--neck", default="wide", choices=["wide", "lean"],
+    parser.add_argument("--neck", default="lean", choices=["wide", "lean"],
                         help="ViT pyramid neck (model.init_args.neck)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: size,on|off,strategy

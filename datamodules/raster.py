@@ -14,7 +14,7 @@ import torch
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from datamodules.normalize import Preprocessor
 from workbench.errors import UserInputError
@@ -65,6 +65,7 @@ class ChipDataset(Dataset):
         augment: bool = False,
         target_band: int | None = None,
         bad_files: BadFiles = "fail",
+        cache_mb: float = 0,
     ) -> None:
         """
         Args:
@@ -81,6 +82,8 @@ class ChipDataset(Dataset):
                 None: the label file holds classes.
             bad_files: a chip whose file cannot be read (corrupt, truncated): ``fail`` with an
                 error naming the file, or ``skip`` it (warned once; another chip is served).
+            cache_mb: keep chips read in the main process in memory, up to this many MB, so later
+                epochs skip reading and preprocessing (augmentation still runs on every read).
         """
         self.chips = chips
         self.layers = layers
@@ -94,6 +97,8 @@ class ChipDataset(Dataset):
         self.target_band = target_band
         self.bad_files = bad_files
         self.skipped: set[int] = set()
+        self.cache_budget = int(cache_mb * 2**20)
+        self.cache: dict[int, dict[str, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.chips)
@@ -168,7 +173,24 @@ class ChipDataset(Dataset):
         return torch.from_numpy(target)
 
     def read_sample(self, index: int) -> dict[str, Tensor]:
-        """Chip ``index`` read, preprocessed, checked and (in training) augmented."""
+        """Chip ``index`` read (or taken from the cache), preprocessed, checked and (in training)
+        augmented."""
+        sample = self.cache.get(index)
+        if sample is None:
+            sample = self.load_sample(index)
+            self.keep(index, sample)
+        return random_flip_rotate(sample) if self.augment else dict(sample)
+
+    def keep(self, index: int, sample: dict[str, Tensor]) -> None:
+        """Cache ``sample`` while the budget allows; only in the main process (a loader worker's
+        copy of the dataset, and its cache, ends with the epoch)."""
+        size = sum(t.nbytes for t in sample.values())
+        if get_worker_info() is None and size <= self.cache_budget:
+            self.cache[index] = sample
+            self.cache_budget -= size
+
+    def load_sample(self, index: int) -> dict[str, Tensor]:
+        """Chip ``index`` read from its files, preprocessed and checked."""
         array, nodata = self.read_layers(index)
         if self.preprocess is None:
             return {"image": torch.from_numpy(array.astype(np.float32))}
@@ -178,8 +200,6 @@ class ChipDataset(Dataset):
             sample["target"] = self.read_target(index).masked_fill(~valid, float("nan"))
         elif self.chips[index].mask is not None:
             sample["mask"] = self.read_mask(index).masked_fill(~valid, self.ignore_index)
-        if self.augment:
-            sample = random_flip_rotate(sample)
         return sample
 
 

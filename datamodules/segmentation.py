@@ -62,6 +62,7 @@ class GeoSegmentationDataModule(SplitDataModule):
         train_fraction: float = 1.0,
         augment: bool = True,
         bad_files: BadFiles = "fail",
+        cache_mb: float = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -94,6 +95,9 @@ class GeoSegmentationDataModule(SplitDataModule):
             augment: random flips and rotations on the training split.
             bad_files: chips whose files cannot be read (corrupt, truncated) ``fail`` the run
                 with the file named, or are ``skip``-ped with a warning.
+            cache_mb: memory (per split, in MB) for chips read in the training process, so later
+                epochs skip the reading and normalisation (``num_workers: 0``; workers re-read).
+                0 turns the cache off.
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
             pin_memory: pin batches for faster host-to-GPU copies.
@@ -124,6 +128,7 @@ class GeoSegmentationDataModule(SplitDataModule):
         self.split_block = split_block
         self.augment = augment
         self.bad_files = bad_files
+        self.cache_mb = cache_mb
 
     # --- files, chips and splits -------------------------------------------------------------
 
@@ -269,4 +274,5 @@ class GeoSegmentationDataModule(SplitDataModule):
             augment=self.augment and split == "train",
             target_band=self.target_band,
             bad_files=self.bad_files,
+            cache_mb=self.cache_mb if normalize else 0,
         )

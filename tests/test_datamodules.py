@@ -139,6 +139,39 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path: Path) -> None:
         assert torch.equal(water, sample["mask"])
 
 
+def test_cached_chips_equal_read_chips_and_need_no_files(tmp_path: Path) -> None:
+    """The chip cache serves what reading serves, augmentation included (same seed, same flips),
+    and a cached epoch reads no file: with the files gone, only the uncached dataset fails."""
+    chips = make_segmentation_chips(tmp_path, n=4, size=16)
+    cached, uncached = (glob_module(chips, augment=True, split_ratios=(1.0, 0.0, 0.0), cache_mb=mb).dataset("train")
+                        for mb in (1, 0))
+
+    def epoch(ds: torch.utils.data.Dataset, seed: int) -> list[dict[str, torch.Tensor]]:
+        torch.manual_seed(seed)
+        return [ds[i] for i in range(len(ds))]
+
+    def same(a: list[dict], b: list[dict]) -> bool:
+        return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+    assert same(epoch(cached, 0), epoch(uncached, 0)) and same(epoch(cached, 1), epoch(uncached, 1))
+    assert len(cached.cache) == 4 and not uncached.cache
+    reference = epoch(uncached, 2)
+    for file in Path(chips["root"]).rglob("*.tif"):
+        file.unlink()
+    assert same(epoch(cached, 2), reference)
+    with pytest.raises(UserInputError, match="could not be read"):
+        uncached[0]
+
+
+def test_chip_cache_stops_at_its_budget(tmp_path: Path) -> None:
+    chips = make_segmentation_chips(tmp_path, n=4, size=16)
+    ds = glob_module(chips, split_ratios=(1.0, 0.0, 0.0)).dataset("train")
+    per_chip = sum(t.nbytes for t in ds.load_sample(0).values())
+    ds = glob_module(chips, split_ratios=(1.0, 0.0, 0.0), cache_mb=2.5 * per_chip / 2**20).dataset("train")
+    [ds[i] for i in range(len(ds))]
+    assert sorted(ds.cache) == [0, 1]
+
+
 def test_band_stats_file_round_trip(tmp_path: Path) -> None:
     chips = make_segmentation_chips(tmp_path, n=6, size=16)
     dm = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"])

@@ -115,7 +115,8 @@ def test_fisher_merge_weights_by_fisher_and_falls_back_to_the_mean() -> None:
 
 
 def fit(tmp_path: Path, name: str, strategy: dict, pretrained: str | None = None) -> Path:
-    changes = {"strategy": strategy, **({"pretrained": pretrained} if pretrained else {})}
+    changes = {"strategy": strategy, **({"pretrained": pretrained} if pretrained else {}),
+               "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}}  # adapters that matter
     config = write_config(tmp_path / name, model=changes, trainer={"max_epochs": 2})
     assert main(["fit", "--config", str(config)]) == 0
     return next((tmp_path / name / "runs" / "tiny" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))

@@ -50,7 +50,12 @@ def test_bf16_training_follows_fp32_and_auto_is_recorded(tmp_path: Path, capsys:
     assert fp32["precision"] == "32-true"  # nothing chosen without auto_precision
     bf16, bf16_losses = fit(tmp_path / "bf16", "--trainer.precision=bf16-mixed")
     assert bf16["precision"] == "bf16-mixed"
-    assert bf16_losses == pytest.approx(fp32_losses, rel=0.02)  # the same curve, within bf16 rounding
+    # the same curve within bf16 rounding: one epoch in, within 1%; after that, nearer to fp32's curve in every
+    # epoch than fp32 itself lands from another seed (rounding drift grows as training amplifies differences)
+    _, other_seed_losses = fit(tmp_path / "seed1", "--seed_everything=1")
+    assert bf16_losses[0] == pytest.approx(fp32_losses[0], rel=0.01)
+    for bf16_loss, fp32_loss, seed_loss in zip(bf16_losses, fp32_losses, other_seed_losses, strict=True):
+        assert abs(bf16_loss - fp32_loss) < abs(seed_loss - fp32_loss)
     assert bf16_losses[-1] < bf16_losses[0]
     auto, _ = fit(tmp_path / "auto", "--auto_precision=true")
     assert auto["precision"] == precision.auto_precision("cpu")[0]

@@ -70,6 +70,22 @@ def test_lean_neck_divides_the_upsampled_channels() -> None:
     assert sum(p.numel() for p in lean_decoder.parameters()) < sum(p.numel() for p in wide_decoder.parameters())
 
 
+def test_a_checkpoint_with_the_other_neck_is_named_with_the_fix(tmp_path) -> None:
+    from tests.conftest import TINY_BACKBONE
+    from workbench.checkpoints import load_lightning_weights
+    from workbench.tasks import SegmentationTask
+
+    wide = SegmentationTask(num_classes=2, decoder_channels=8, neck="wide", backbone_kwargs=TINY_BACKBONE)
+    default = SegmentationTask(num_classes=2, decoder_channels=8, backbone_kwargs=TINY_BACKBONE)
+    assert default.hparams.neck == "lean"
+    ckpt = {"state_dict": wide.state_dict()}
+    with pytest.raises(UserInputError, match="trained with neck: wide .*set model.init_args.neck: wide"):
+        load_lightning_weights(default, ckpt, tmp_path / "old.ckpt")
+    again = SegmentationTask(num_classes=2, decoder_channels=8, neck="wide", backbone_kwargs=TINY_BACKBONE)
+    load_lightning_weights(again, ckpt, tmp_path / "old.ckpt")  # the named fix loads it
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ckpt["state_dict"].items())
+
+
 @pytest.mark.parametrize("decoder", ["uper", "fcn"])
 def test_logits_at_input_size(decoder: str) -> None:
     assert model(decoder=decoder)(torch.randn(2, 6, 32, 48)).shape == (2, 3, 32, 48)

@@ -100,7 +100,7 @@ def build_encoder_decoder(
     num_classes: int = 2,
     head_dropout: float = 0.1,
     class_names: Sequence[str] | None = None,
-    neck: Literal["wide", "lean"] = "wide",
+    neck: Literal["wide", "lean"] = "lean",
 ) -> EncoderDecoder:
     """Wire neck, decoder and head to ``backbone.feature_info`` (only the last level for decoders
     that read only the coarsest map, so no parameter goes unused — DDP requires that). A backbone

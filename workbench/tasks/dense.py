@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from workbench.errors import UserInputError
 from workbench.model import build_encoder_decoder
 from workbench.tasks.base import BaseTask
 
@@ -48,7 +49,7 @@ class DenseTask(BaseTask):
         decoder: Literal["uper", "fcn", "unet"] = "uper",
         decoder_channels: int = 256,
         head_dropout: float = 0.1,
-        neck: Literal["wide", "lean"] = "wide",
+        neck: Literal["wide", "lean"] = "lean",
         **kwargs: Any,
     ) -> None:
         self.num_outputs = num_outputs
@@ -59,3 +60,17 @@ class DenseTask(BaseTask):
         class_names = self.output_names if self.output_kind is PixelOutput.CLASSES else None
         return build_encoder_decoder(backbone, hp.decoder, hp.decoder_channels, self.num_outputs, hp.head_dropout,
                                      class_names, hp.neck)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint whose ViT pyramid neck has the other widths (trained with the other ``neck``:
+        ``wide`` was the default before 2026-12-04) is named in one line, not a size-mismatch traceback."""
+        super().on_load_checkpoint(checkpoint)
+        own = self.state_dict()
+        for key, saved in checkpoint["state_dict"].items():
+            if ".neck." in key and key in own and own[key].shape != saved.shape:
+                other = "wide" if self.hparams.neck == "lean" else "lean"
+                raise UserInputError(
+                    f"the checkpoint's neck does not match the model's neck: {self.hparams.neck} ({key}: "
+                    f"{tuple(saved.shape)} in the checkpoint, {tuple(own[key].shape)} in the model); it was "
+                    f"trained with neck: {other} (the default before 2026-12-04): set model.init_args.neck: {other}"
+                )
