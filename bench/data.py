@@ -7,6 +7,13 @@ and prints one JSON line; compare chips/s with a training run's samples/s (``res
 
     python bench/data.py
     python bench/data.py --workers 0 2 4 --batch_size 16
+
+``--mode scenes`` compares, on the generated scene, today's chip loader
+(``GeoSegmentationDataModule``: a grid of rasterio windows, chip cache off) with the torchgeo scene
+loader (``GeoSceneDataModule``: ``RasterDataset`` ∩ label raster, ``RandomGeoSampler`` chips) at the
+same chip size, batch size and bands:
+
+    python bench/data.py --mode scenes --scene_size 2048 --workers 0 2
 """
 
 from __future__ import annotations
@@ -59,18 +66,26 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--scene_size", type=int, default=4096)
+    parser.add_argument("--mode", choices=["loaders", "scenes"], default="loaders",
+                        help="loaders: the datamodules' training loaders; scenes: chip loader vs torchgeo scenes")
     args = parser.parse_args()
-    from datamodules import GeoSegmentationDataModule, Sentinel2WaterDataModule
+    from datamodules import GeoSceneDataModule, GeoSegmentationDataModule, Sentinel2WaterDataModule
 
     with tempfile.TemporaryDirectory() as tmp:
         write_scene(Path(tmp), args.scene_size)
         for workers in args.workers:
+            same = {"chip_size": 224, "mean": [5000.0] * 6, "std": [2900.0] * 6, "split_block": 4,
+                    "batch_size": args.batch_size, "num_workers": workers}
             cases = {
+                "chips: GeoSegmentationDataModule (rasterio windows)": GeoSegmentationDataModule(
+                    root=tmp, images="scene.tif", masks="mask.tif", cache_mb=0, augment=False, **same),
+                "scenes: GeoSceneDataModule (torchgeo RandomGeoSampler)": GeoSceneDataModule(
+                    root=tmp, images="scene.tif", labels="mask.tif", **same),
+            } if args.mode == "scenes" else {
                 "sentinel2_water (128 px windows)": Sentinel2WaterDataModule(
                     batch_size=args.batch_size, num_workers=workers),
                 f"generated {args.scene_size}x{args.scene_size} scene (224 px windows)": GeoSegmentationDataModule(
-                    root=tmp, images="scene.tif", masks="mask.tif", chip_size=224, mean=[5000.0] * 6,
-                    std=[2900.0] * 6, split_block=4, batch_size=args.batch_size, num_workers=workers),
+                    root=tmp, images="scene.tif", masks="mask.tif", **same),
             }
             for name, datamodule in cases.items():
                 result = throughput(datamodule, args.batches)

@@ -3,6 +3,8 @@ loaders), normalisation, and the embedded default data."""
 
 from datamodules.audio import AnimalSoundsDataModule, AudioFolderDataModule
 from datamodules.classification import GeoClassificationDataModule
+from datamodules.geo_scenes import GeoSceneDataModule
+from datamodules.geobench import GeoBenchDataModule
 from datamodules.landsat8 import Landsat8CloudDataModule
 from datamodules.points import (
     ClassifiedLasDataModule,
@@ -13,6 +15,7 @@ from datamodules.regression import GeoRegressionDataModule
 from datamodules.samples import Sentinel2CoastDataModule, Sentinel2SwirDataModule, Sentinel2WaterDataModule
 from datamodules.segmentation import GeoSegmentationDataModule
 from datamodules.series import ForecastingDataModule, UCRDataModule
+from datamodules.torchgeo_data import TorchGeoDataModule
 from datamodules.weather import (
     DownscalingDataModule,
     ERA5EnsembleForecastDataModule,
@@ -29,8 +32,10 @@ __all__ = [
     "ERA5EnsembleForecastDataModule",
     "EuropeT2mDownscalingDataModule",
     "ForecastingDataModule",
+    "GeoBenchDataModule",
     "GeoClassificationDataModule",
     "GeoRegressionDataModule",
+    "GeoSceneDataModule",
     "GeoSegmentationDataModule",
     "GriddedWeatherDataModule",
     "Landsat8CloudDataModule",
@@ -39,6 +44,7 @@ __all__ = [
     "Sentinel2CoastDataModule",
     "Sentinel2SwirDataModule",
     "Sentinel2WaterDataModule",
+    "TorchGeoDataModule",
     "UCRDataModule",
     "WeatherForecastDataModule",
 ]

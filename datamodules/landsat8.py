@@ -103,6 +103,7 @@ class Landsat8CloudDataModule(EmbeddedSceneDataModule):
         seed: int = 3,
         train_fraction: float = 1.0,
         augment: bool = True,
+        cache_mb: float = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -120,6 +121,7 @@ class Landsat8CloudDataModule(EmbeddedSceneDataModule):
             seed: seed of the split and of the ``train_fraction`` subset.
             train_fraction: train on this seeded fraction of the training chips.
             augment: random flips and rotations on the training split.
+            cache_mb: memory (per split, MB) keeping read chips for later epochs; 0: re-read them.
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
             pin_memory: pin batches for faster host-to-GPU copies.
@@ -148,6 +150,7 @@ class Landsat8CloudDataModule(EmbeddedSceneDataModule):
             seed=seed,
             train_fraction=train_fraction,
             augment=augment,
+            cache_mb=cache_mb,
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,

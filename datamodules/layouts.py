@@ -64,6 +64,33 @@ def burn_scars_pairs(root: Path) -> dict[str, Pairs]:
     return pairs
 
 
+def crop_classification_pairs(root: Path) -> dict[str, Pairs]:
+    """HLS multi-temporal crop classification (``ibm-nasa-geospatial/multi-temporal-crop-classification``).
+
+    Files: ``training_chips/chip_XXX_YYY_merged.tif`` (3 frames × 6 HLS bands, frame-major) with
+    ``chip_XXX_YYY.mask.tif`` beside it, the same in ``validation_chips/``; split lists
+    ``training_data.txt`` / ``validation_data.txt`` (one chip id per line, found anywhere under
+    ``root``). The dataset has no test split: ``validation`` serves as both val and test.
+    """
+    pairs: dict[str, Pairs] = {}
+    for split, name in (("train", "training"), ("val", "validation")):
+        listing = _find_one(root, f"{name}_data.txt")
+        images = {p.name.removesuffix("_merged.tif"): p for p in root.rglob(f"{name}_chips/*_merged.tif")}
+        pairs[split] = []
+        for line in listing.read_text().splitlines():
+            chip_id = Path(line.strip()).name.removesuffix(".tif").removesuffix("_merged").removesuffix(".mask")
+            if not chip_id:
+                continue
+            if chip_id not in images:
+                raise UserInputError(f"{listing} lists {chip_id}, but {chip_id}_merged.tif is not in {root}/{name}_chips")
+            mask = images[chip_id].with_name(f"{chip_id}.mask.tif")
+            if not mask.is_file():
+                raise UserInputError(f"mask {mask} for image {images[chip_id]} does not exist")
+            pairs[split].append((images[chip_id], mask))
+    pairs["test"] = pairs["val"]
+    return pairs
+
+
 def _glob(root: Path, pattern: str, field: str) -> list[Path]:
     base = Path(pattern)
     files = sorted(base.parent.glob(base.name) if base.is_absolute() else root.glob(pattern))

@@ -6,13 +6,13 @@ import logging
 import random
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import rasterio
 from rasterio.errors import RasterioError
 
 from datamodules.bands import HLS_BANDS, SENTINEL2_BANDS, select_bands
-from datamodules.layouts import SPLITS, burn_scars_pairs, glob_pairs, sen1floods11_pairs
+from datamodules.layouts import SPLITS, burn_scars_pairs, crop_classification_pairs, glob_pairs, sen1floods11_pairs
 from datamodules.normalize import Preprocessor, load_band_stats, write_band_stats
 from datamodules.raster import BadFiles, Chip, ChipDataset, grid_windows
 from datamodules.scenes import SceneSpec
@@ -20,16 +20,21 @@ from datamodules.splits import SplitDataModule, seeded_fraction
 from workbench.errors import UserInputError
 
 log = logging.getLogger(__name__)
-Layout = Literal["glob", "sen1floods11", "burn_scars"]
-LAYOUT_BANDS: dict[str, tuple[str, ...]] = {"sen1floods11": SENTINEL2_BANDS, "burn_scars": HLS_BANDS}
-LAYOUT_LABEL_MAPS: dict[str, dict[int, int]] = {"sen1floods11": {-1: 255}, "burn_scars": {-1: 255}}
+Layout = Literal["glob", "sen1floods11", "burn_scars", "crop_classification"]
+LAYOUT_BANDS: dict[str, tuple[str, ...]] = {
+    "sen1floods11": SENTINEL2_BANDS, "burn_scars": HLS_BANDS, "crop_classification": HLS_BANDS}
+# applied in order: crop classification's 0 (no data) → 255 first, then classes 1..13 → 0..12
+LAYOUT_LABEL_MAPS: dict[str, dict[int, int]] = {
+    "sen1floods11": {-1: 255}, "burn_scars": {-1: 255},
+    "crop_classification": {0: 255, **{k: k - 1 for k in range(1, 14)}}}
 
 
 class GeoSegmentationDataModule(SplitDataModule):
     """Image/mask GeoTIFF chips → batches of ``image`` ``(B, C, [T,] H, W)``, ``mask`` ``(B, H, W)``.
 
-    Layouts: ``glob`` (``images`` + ``masks`` patterns), ``sen1floods11`` and ``burn_scars``
-    (official folder and split-file layouts). With ``chip_size``, each file is cut into a grid of
+    Layouts: ``glob`` (``images`` + ``masks`` patterns), ``sen1floods11``, ``burn_scars`` and
+    ``crop_classification`` (official folder and split-file layouts; crop classification's
+    18-band chips are 3 frames of 6 bands: set ``num_frames: 3``). With ``chip_size``, each file is cut into a grid of
     windows read lazily with rasterio. Without split files, chips are split by seeded ratios over
     blocks of ``split_block``×``split_block`` windows, so val/test never overlap training.
     A :class:`~datamodules.scenes.SceneSource`: ``workbench predict`` reads scenes as its chips.
@@ -63,6 +68,7 @@ class GeoSegmentationDataModule(SplitDataModule):
         augment: bool = True,
         bad_files: BadFiles = "fail",
         cache_mb: float = 1024,
+        augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -70,7 +76,7 @@ class GeoSegmentationDataModule(SplitDataModule):
         """
         Args:
             root: dataset folder (glob patterns are relative to it).
-            layout: ``glob``, ``sen1floods11`` or ``burn_scars``.
+            layout: ``glob``, ``sen1floods11``, ``burn_scars`` or ``crop_classification``.
             images: glob layout: image file pattern, e.g. ``images/*.tif``.
             masks: glob layout: mask file pattern, paired with images in sorted order.
             file_bands: names of the files' bands in order (per frame); layouts know theirs.
@@ -98,11 +104,13 @@ class GeoSegmentationDataModule(SplitDataModule):
             cache_mb: memory (per split, in MB) for chips read in the training process, so later
                 epochs skip the reading and normalisation (``num_workers: 0``; workers re-read).
                 0 turns the cache off.
+            augmentations: kornia / torchgeo transforms (``class_path``/``init_args``) applied to
+                training batches on the device, image and mask together (:mod:`datamodules.augment`).
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
             pin_memory: pin batches for faster host-to-GPU copies.
         """
-        super().__init__(batch_size, num_workers, pin_memory, train_fraction, seed)
+        super().__init__(batch_size, num_workers, pin_memory, train_fraction, seed, augmentations)
         if layout == "glob" and images is None:
             raise UserInputError("data.images: the glob layout needs an image pattern, e.g. 'images/*.tif'")
         if class_names is not None and len(class_names) != num_classes:
@@ -139,6 +147,8 @@ class GeoSegmentationDataModule(SplitDataModule):
             return sen1floods11_pairs(self.root)
         if self.layout == "burn_scars":
             return burn_scars_pairs(self.root)
+        if self.layout == "crop_classification":
+            return crop_classification_pairs(self.root)
         return glob_pairs(self.root, self.images, self.masks)
 
     def _chips(self, pairs: list[tuple[Path, Path | None]]) -> list[tuple[tuple, Chip]]:

@@ -6,7 +6,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -54,10 +54,13 @@ class EpochShuffleSampler(DistributedSampler):
 class SplitDataModule(LightningDataModule):
     """Loaders over ``self.dataset(split)`` for ``train``, ``val`` and ``test`` (``predict`` reads
     ``test``). Subclasses implement :meth:`dataset` and apply ``train_fraction`` with
-    :func:`seeded_fraction` to their training items."""
+    :func:`seeded_fraction` to their training items. ``augmentations`` (kornia / torchgeo transforms
+    as ``class_path``/``init_args``, see :mod:`datamodules.augment`) transform training batches on
+    the device, image and mask together; a subclass offers them by passing its own argument on."""
 
     def __init__(self, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False,
-                 train_fraction: float = 1.0, seed: int = 0) -> None:
+                 train_fraction: float = 1.0, seed: int = 0,
+                 augmentations: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
         if not 0.0 < train_fraction <= 1.0:
             raise UserInputError(f"data.train_fraction {train_fraction} must be in (0, 1]")
@@ -66,6 +69,17 @@ class SplitDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.train_fraction = train_fraction
         self.seed = seed
+        self.batch_augmentation = None
+        if augmentations:
+            from datamodules.augment import BatchAugmentation  # kornia: imported only when used
+
+            self.batch_augmentation = BatchAugmentation(augmentations)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches (not val/test/predict) through ``augmentations``, on the device."""
+        if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
+            return self.batch_augmentation(batch, getattr(self, "ignore_index", 255))
+        return batch
 
     def dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` (``train``, ``val`` or ``test``)."""

@@ -151,6 +151,11 @@ def test_stats_command_writes_band_stats(tmp_path: Path) -> None:
     stats = yaml.safe_load(out.read_text())
     assert len(stats["mean"]) == 6 and len(stats["std"]) == 6
     assert all(s > 0 for s in stats["std"])
+    fit_only = {**yaml.safe_load(config.read_text()), "auto_precision": True, "test_after_fit": False}
+    (tmp_path / "fit_only.yaml").write_text(yaml.safe_dump(fit_only))  # a fit's own options are ignored
+    again = tmp_path / "again.json"
+    assert main(["stats", "--config", str(tmp_path / "fit_only.yaml"), "--out", str(again)]) == 0
+    assert yaml.safe_load(again.read_text()) == stats
 
 
 def test_data_errors_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

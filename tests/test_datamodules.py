@@ -172,6 +172,33 @@ def test_chip_cache_stops_at_its_budget(tmp_path: Path) -> None:
     assert sorted(ds.cache) == [0, 1]
 
 
+def test_yaml_augmentations_move_every_per_pixel_entry_with_the_image(tmp_path: Path) -> None:
+    """kornia transforms from the config on GeoTIFF chips: a p=1 flip flips image, mask and valid
+    alike (the loader's own batch is the reference); a 45° rotation marks the corners it brings in
+    as ignored, invalid and NaN; val batches pass untouched."""
+    from types import SimpleNamespace
+
+    chips = make_segmentation_chips(tmp_path, n=4, size=16)
+    flip = [{"class_path": "kornia.augmentation.RandomHorizontalFlip", "init_args": {"p": 1.0}}]
+    dm = glob_module(chips, split_ratios=(1.0, 0.0, 0.0), augmentations=flip)
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train"), batch_size=4)))
+    batch["mask"][:, :2] = 255
+    for training in (True, False):
+        dm.trainer = SimpleNamespace(training=training)
+        out = dm.on_after_batch_transfer(dict(batch), 0)
+        assert out.keys() == batch.keys()
+        for key in batch:
+            assert out[key].dtype == batch[key].dtype
+            assert torch.equal(out[key], batch[key].flip(-1) if training else batch[key])
+    rotate = [{"class_path": "kornia.augmentation.RandomRotation", "init_args": {"degrees": [45.0, 45.0], "p": 1.0}}]
+    regression = {"image": batch["image"], "valid": batch["valid"], "target": batch["image"][:, 0].clone()}
+    dm = glob_module(chips, augmentations=rotate)
+    dm.trainer = SimpleNamespace(training=True)
+    out = dm.on_after_batch_transfer(regression, 0)
+    assert not out["valid"][:, 0, 0].any() and out["target"][:, 0, 0].isnan().all()
+    assert out["valid"][:, 8, 8].all() and out["target"][:, 8, 8].isfinite().all()
+
+
 def test_band_stats_file_round_trip(tmp_path: Path) -> None:
     chips = make_segmentation_chips(tmp_path, n=6, size=16)
     dm = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"])

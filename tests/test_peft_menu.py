@@ -241,6 +241,12 @@ def test_cached_frozen_fit_matches_uncached(tmp_path: Path, capsys: pytest.Captu
     capsys.readouterr()
     assert main(["fit", "--config", str(augmented)]) == 2
     assert "augment: false" in capsys.readouterr().err
+    flips = [{"class_path": "kornia.augmentation.RandomHorizontalFlip", "init_args": {"p": 0.5}}]
+    yaml_augmented = write_config(tmp_path / "yaml_aug", model={"strategy": {
+        "class_path": "workbench.strategies.Frozen", "init_args": {"cache_features": True}}},
+        data={"augment": False, "augmentations": flips})
+    assert main(["fit", "--config", str(yaml_augmented)]) == 2
+    assert "remove data.init_args.augmentations" in capsys.readouterr().err
 
 
 def test_corda_adapters_come_from_the_inputs_and_keep_the_output() -> None:

@@ -27,7 +27,9 @@ commands:
   test       evaluate a checkpoint on the test split
   predict    map whole GeoTIFF scenes of any size with a trained checkpoint
   compare    fit one config under several strategies / training fractions / seeds; table + plots
+  tune       Optuna hyper-parameter search over a fit config (resumable; trials.csv, best.yaml, plots)
   merge      merged adapter exports, soups, task arithmetic, TIES, DARE, breadcrumbs, LiNeS, Fisher
+  export     a fine-tuned checkpoint (adapters merged) as ONNX or torch.export (.pt2), with metadata
   stats      compute per-band mean/std over the training split of a config's data
 
 Run `workbench <command> --help` for a command's options, and
@@ -48,6 +50,7 @@ def _lightning_cli_class() -> tuple[type, type, type]:
     from workbench.checkpoints import read_lightning_checkpoint
     from workbench.precision import auto_precision
     from workbench.resume import ResumeRNG, continue_metrics, run_version
+    from workbench.run_plots import RunPlots
     from workbench.run_stats import RunStats
     from workbench.tasks import BaseTask
 
@@ -95,6 +98,8 @@ def _lightning_cli_class() -> tuple[type, type, type]:
         def before_fit(self) -> None:
             self.run_stats = RunStats()
             self.trainer.callbacks += [self.run_stats, ResumeRNG()]
+            self.run_plots = RunPlots()  # first: checkpoints saved at an epoch's end hold that epoch's values
+            self.trainer.callbacks.insert(0, self.run_plots)
             ckpt, logger = self.config.fit.ckpt_path, self.trainer.logger
             if ckpt and isinstance(logger, CSVLogger) and run_version(ckpt, logger.save_dir, logger.name) is not None:
                 continue_metrics(logger, read_lightning_checkpoint(ckpt, "--ckpt_path", mmap=True)["global_step"])
@@ -108,9 +113,16 @@ def _lightning_cli_class() -> tuple[type, type, type]:
         def after_fit(self) -> None:
             try:
                 self.test_and_report()
+                self.write_plots()
             finally:
                 if self.run_lock is not None:
                     self.run_lock.unlink(missing_ok=True)
+
+        def write_plots(self) -> None:
+            """``curves.png`` (+ ``curves.json``) and, after the test, ``samples.png`` in the run folder."""
+            log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+            if self.trainer.is_global_zero and log_dir and not self.trainer.fast_dev_run:
+                self.run_plots.write(log_dir)
 
         def test_and_report(self) -> None:
             """Validate and test the best checkpoint; write ``results.json``."""
@@ -213,7 +225,7 @@ def storage_error(err: BaseException) -> UserInputError | None:
     return None
 
 
-COMMANDS = ("stats", "predict", "compare", "merge", *LIGHTNING_COMMANDS)
+COMMANDS = ("stats", "predict", "compare", "tune", "merge", "export", *LIGHTNING_COMMANDS)
 
 
 def run_command(command: str, rest: list[str], lightning_args: list[str] | None) -> None:
@@ -229,10 +241,18 @@ def run_command(command: str, rest: list[str], lightning_args: list[str] | None)
         from workbench.compare.command import run_compare
 
         run_compare(rest)
+    elif command == "tune":
+        from workbench.tune.command import run_tune
+
+        run_tune(rest)
     elif command == "merge":
         from workbench.merge.command import run_merge
 
         run_merge(rest)
+    elif command == "export":
+        from workbench.export_model import run_export
+
+        run_export(rest)
     else:
         run_lightning(lightning_args)
 

@@ -26,7 +26,7 @@ def config_parser(prog: str, description: str, sections: tuple[str, ...]) -> Any
 
         parser.add_subclass_arguments(BaseTask, "model", required=True)
         link_data_to_model(parser)
-    for ignored in ("model", "trainer", "seed_everything", "ckpt_path", "test_after_fit"):
+    for ignored in ("model", "trainer", "seed_everything", "ckpt_path", "test_after_fit", "auto_precision"):
         if ignored not in sections:
             parser.add_argument(f"--{ignored}", type=Any, default=None, help="(not used by this command)")
     return parser

@@ -18,6 +18,7 @@ from workbench.checkpoints import load_lightning_weights, read_lightning_checkpo
 from workbench.config import config_parser
 from workbench.errors import UnreadableFile, UserInputError, first_line
 from workbench.predict.fields import predict_fields
+from workbench.predict.onnx import OnnxPixelModel
 from workbench.predict.tiled import TiledPredictor
 from workbench.tasks.dense import PixelPredictor
 from workbench.tasks.weather import FieldUnits
@@ -99,8 +100,9 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
         ("data", "model", "ckpt_path"),
     )
     parser.add_argument("--ckpt_path", type=str | None, default=None,
-                        help="checkpoint written by `workbench fit`; omitted: the model as the config builds it, "
-                             "which needs model.pretrained weights that include the task layers (zero-shot)")
+                        help="checkpoint written by `workbench fit`, or its .onnx from `workbench export` (run with "
+                             "onnxruntime); omitted: the model as the config builds it, which needs "
+                             "model.pretrained weights that include the task layers (zero-shot)")
     parser.add_argument("--inputs", type=str | None, nargs="+", default=None,
                         help="GeoTIFF files, globs or folders; `a.tif,b.tif` = one scene, one file per frame "
                              "(gridded weather tasks predict their datamodule's test split instead)")
@@ -131,7 +133,9 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
             f"{type(task).__name__}: evaluate it with `workbench test --config ... --ckpt_path ...` instead."
         )
     data.prepare_data()
-    if cfg.ckpt_path is not None:
+    if cfg.ckpt_path is not None and Path(cfg.ckpt_path).suffix == ".onnx":
+        task = OnnxPixelModel(cfg.ckpt_path)
+    elif cfg.ckpt_path is not None:
         load_lightning_weights(task, read_lightning_checkpoint(cfg.ckpt_path, "--ckpt_path"), cfg.ckpt_path, "--ckpt_path")
     elif not getattr(task.model, "task_layers_pretrained", False):
         raise UserInputError("--ckpt_path: give a checkpoint written by `workbench fit` (without one the config's "
@@ -150,6 +154,8 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     source = scene_source(data)
     window = cfg.window or source.chip_size or 224
     overlap = cfg.overlap if cfg.overlap is not None else window // 4
+    if isinstance(task, OnnxPixelModel):
+        task.check_scenes(source, window)
     predictor = TiledPredictor(
         task.to(device), source.preprocessor(), source.scene_spec(), window, overlap, cfg.batch_size, source.nodata
     )

@@ -126,7 +126,7 @@ class TiledPredictor:
         self.batch_size = batch_size
         self.nodata = nodata
         self.weights = blend_weights(window, overlap)
-        self.device = next(task.parameters()).device
+        self.device = task.device if hasattr(task, "device") else next(task.parameters()).device
 
     @torch.inference_mode()
     def _predict(self, arrays: list[np.ndarray], nodata: float | None) -> tuple[np.ndarray, np.ndarray]:

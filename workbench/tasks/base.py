@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from backbones.builder import create_backbone
 from workbench.errors import UserInputError
 from workbench.optim import PARAMETER_GROUPS, parameter_groups
+from workbench.run_plots import Panel, curve, field_panel, image_panel, lines_panel, points_panel
 from workbench.strategies import Full, InitBatches, Strategy, StrategyReport
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,25 @@ class BaseTask(LightningModule):
         """Loss and metric inputs of ``batch`` in ``stage`` (train, val or test)."""
         raise NotImplementedError
 
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The pictures of sample ``index`` of a test ``batch`` in ``samples.png`` (``step``: the batch's
+        :meth:`compute_step`); tasks add their target and prediction to the input."""
+        return [self.input_panel(batch, index)]
+
+    def input_panel(self, batch: dict[str, Tensor], index: int, title: str = "input") -> Panel:
+        """Sample ``index`` of the model input: rasters as RGB (the first band's map with fewer than
+        three bands), series as lines (first three channels), point clouds from above coloured by
+        height, gridded fields as the first variable's map (the last input time)."""
+        key = next(k for k in self.inputs if k in batch)
+        x, bands = batch[key][index], self.hparams.bands
+        if key is ModelInput.SERIES:
+            return lines_panel({f"channel {m}": curve(series) for m, series in enumerate(x[:3])}, title)
+        if key is ModelInput.POINTS:
+            return points_panel(x, x[:, 2], f"{title} (colour: height)")
+        if key in (ModelInput.FIELDS, ModelInput.COARSE_FIELDS):
+            return field_panel(x[-1, 0] if key is ModelInput.FIELDS else x[0], f"{title} ({bands[0]})" if bands else title)
+        return image_panel(x, bands, title)
+
     def update_metrics(self, metrics: MetricCollection, step: StepOutput) -> None:
         """Feed one step's scored predictions and targets to ``metrics`` (nothing scored: no update)."""
         preds, target = step.preds.detach(), step.target
@@ -262,10 +282,12 @@ class BaseTask(LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             print(f"workbench: {self.strategy_report}")
-        if getattr(self.model, "feature_cache", None) is not None and getattr(self.trainer.datamodule, "augment", False):
+        data = self.trainer.datamodule
+        augmented = getattr(data, "augment", False) or getattr(data, "batch_augmentation", None) is not None
+        if getattr(self.model, "feature_cache", None) is not None and augmented:
             raise UserInputError(
                 "strategy.cache_features needs un-augmented chips (augmented ones never repeat): "
-                "set data.init_args.augment: false, or cache_features: false."
+                "set data.init_args.augment: false and remove data.init_args.augmentations, or cache_features: false."
             )
 
     def on_fit_end(self) -> None:

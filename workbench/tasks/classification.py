@@ -16,6 +16,7 @@ from torchmetrics.classification import (
 
 from workbench.errors import UserInputError
 from workbench.model import EncoderClassifier
+from workbench.run_plots import Panel
 from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 
@@ -74,6 +75,17 @@ class ClassificationTask(BaseTask):
         if self.multi_label:
             return StepOutput(self.loss(logits, label.float()), logits, label.long())
         return StepOutput(self.loss(logits, label), logits, label)
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The input (image, spectrogram, series or points), titled with the true and the predicted
+        class (multi-label: the labels set and those predicted with probability over 0.5)."""
+        logits, label = step.preds[index], step.target[index]
+        if self.multi_label:
+            true, pred = (", ".join(self.class_names[k] for k in chosen.nonzero()[:, 0]) or "none"
+                          for chosen in (label > 0, logits > 0))
+        else:
+            true, pred = self.class_names[int(label)], self.class_names[int(logits.argmax())]
+        return [self.input_panel(batch, index, f"true: {true} / predicted: {pred}")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities ``(B, K)`` (softmax, or per-label sigmoid for multi-label)."""

@@ -10,6 +10,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.model import SeriesForecaster
+from workbench.run_plots import Panel, curve, lines_panel
 from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 
@@ -65,6 +66,14 @@ class ForecastingTask(BaseTask):
         loss = ((pred - target) / scale).square().mean()
         naive_mae = (series[..., -1:] - target).abs().mean()
         return StepOutput(loss, pred.flatten(), target.flatten(), logs={"naive_MAE": naive_mae})
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The first channel: its context window, then the target and the forecast."""
+        series, target = batch["series"][index, 0], batch["target"][index, 0]
+        forecast = step.preds.view_as(batch["target"])[index, 0]
+        start = len(series)
+        return [lines_panel({"context": curve(series), "target": curve(target, start),
+                             "forecast": curve(forecast, start)}, "channel 0")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Forecasts ``(B, M, horizon)`` in data units."""

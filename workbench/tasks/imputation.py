@@ -12,6 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from backbones.prithvi_mae import as_frames, keep_from_hidden, unpatchify
 from workbench.errors import UserInputError
+from workbench.run_plots import Panel, image_panel
 from workbench.tasks.base import BaseTask, StepOutput
 from workbench.tasks.gaps import hidden_tokens, sample_blob_gaps, sample_patch_gaps
 from workbench.tasks.mae import build_mae
@@ -127,6 +128,15 @@ class ImputationTask(BaseTask):
         scored_gaps = scored.unsqueeze(1).expand_as(image)
         loss = ((filled - image)[scored_gaps] ** 2).mean() if scored_gaps.any() else filled.sum() * 0.0
         return StepOutput(loss, filled, image, scored=scored_gaps)
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The time step with the most gap pixels: input (gaps black) | truth | gap-filled, one stretch."""
+        truth, filled, gaps = step.target[index], step.preds[index], step.scored[index]  # (C, T, H, W)
+        t = int(gaps[0].sum((-2, -1)).argmax())
+        truth, filled, gaps = truth[:, t], filled[:, t], gaps[:, t]
+        bands = self.band_names
+        return [image_panel(truth.masked_fill(gaps, float("nan")), bands, f"input, gaps (t={t})", truth),
+                image_panel(truth, bands, "truth"), image_panel(filled, bands, "gap-filled", truth)]
 
     def update_metrics(self, metrics: MetricCollection, step: StepOutput) -> None:
         """PSNR and per-band MAE over the scored gap pixels; SSIM over whole gap-filled frames."""

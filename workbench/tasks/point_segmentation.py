@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from workbench.errors import UserInputError
 from workbench.model import PointSegmenter
+from workbench.run_plots import Panel, points_panel
 from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 IGNORED = -1  # points whose class is not learned
@@ -66,6 +67,12 @@ class PointSegmentationTask(BaseTask):
         the same first-maximum index as ``argmax(1)``, which is far slower on CPU over dim 1)."""
         logits = self.forward_batch(batch)
         return StepOutput(self.loss(logits, batch["mask"]), logits.max(1).indices, batch["mask"])
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The points from above, coloured by label | by predicted class."""
+        xyz = batch["points"][index]
+        return [points_panel(xyz, step.target[index], "label", self.class_names, IGNORED),
+                points_panel(xyz, step.preds[index], "prediction", self.class_names)]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Per-point classes ``(B, N)``."""

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from workbench.run_plots import Panel, field_panel
 from workbench.tasks.base import StepOutput
 from workbench.tasks.dense import DenseTask, PixelOutput
 from workbench.tasks.targets import RegressionTargets, check_target_std
@@ -50,6 +51,12 @@ class RegressionTask(RegressionTargets, DenseTask):
         labelled = target.isfinite()
         loss = self.loss(pred[labelled], self.normalized(target[labelled])) if labelled.any() else pred.sum() * 0.0
         return StepOutput(loss, self.in_target_units(pred), target, scored=labelled)
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """Input | target (blank where unlabelled) | prediction, in target units."""
+        name = self.output_names[0]
+        return [self.input_panel(batch, index), field_panel(step.target[index], f"target: {name}"),
+                field_panel(step.preds[index], f"prediction: {name}")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Predicted values in target units ``(B, 1, H, W)``."""

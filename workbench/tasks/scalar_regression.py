@@ -7,6 +7,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from workbench.model import EncoderClassifier
+from workbench.run_plots import Panel
 from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 from workbench.tasks.targets import RegressionTargets, check_target_std
 
@@ -56,6 +57,11 @@ class ScalarRegressionTask(RegressionTargets, BaseTask):
         pred = self.forward_batch(batch)[:, 0]
         target = batch["target"].float()
         return StepOutput(self.loss(pred, self.normalized(target)), self.in_target_units(pred), target)
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The input, titled with the true and the predicted value."""
+        title = f"true {float(step.target[index]):.4g} / predicted {float(step.preds[index]):.4g}"
+        return [self.input_panel(batch, index, title)]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Predicted values ``(B,)`` in target units."""

@@ -14,6 +14,7 @@ from torchmetrics.classification import (
 )
 
 from workbench.errors import UserInputError
+from workbench.run_plots import Panel, class_panel
 from workbench.tasks.base import StepOutput
 from workbench.tasks.dense import DenseTask, PixelOutput
 
@@ -79,6 +80,11 @@ class SegmentationTask(DenseTask):
         logits = self.forward_batch(batch)
         # max(1).indices: the same first-maximum index as argmax(1), which is ~50x slower on CPU over dim 1
         return StepOutput(self.loss(logits, batch["mask"]), logits.max(1).indices, batch["mask"])
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """Input | label (unlabelled pixels blank) | predicted classes."""
+        return [self.input_panel(batch, index), class_panel(step.target[index], self.class_names, "label", self.ignore_index),
+                class_panel(step.preds[index], self.class_names, "prediction")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities ``(B, num_classes, H, W)``."""

@@ -11,6 +11,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from backbones.layers import instance_normalize
 from workbench.errors import UserInputError
 from workbench.model import SeriesReconstructor
+from workbench.run_plots import Panel, curve, lines_panel
 from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 
 
@@ -77,6 +78,12 @@ class SeriesImputationTask(BaseTask):
         loss = ((pred - series) / std)[gap].square().mean()
         mean_fill_mae = (mean.expand_as(series) - series)[gap].abs().mean()
         return StepOutput(loss, pred, series, scored=gap, logs={"mean_fill_MAE": mean_fill_mae})
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The first channel: the true series and the model's values on the gap steps."""
+        gap = step.scored[index, 0]
+        filled = step.preds[index, 0].masked_fill(~gap, float("nan"))
+        return [lines_panel({"series": curve(step.target[index, 0]), "filled gaps": curve(filled)}, "channel 0")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Series ``(B, M, L)`` with NaN steps filled (``observed`` = finite steps)."""

@@ -15,6 +15,7 @@ from torchmetrics.image import StructuralSimilarityIndexMeasure
 from backbones.prithvi_wxc import PrithviWxC
 from workbench.errors import UserInputError
 from workbench.model import FieldDownscaler, FieldForecaster
+from workbench.run_plots import Panel, field_panel
 from workbench.tasks.base import BaseTask, ModelInput, StepOutput
 from workbench.tasks.field_scores import AnomalyCorrelation, LatitudeWeightedRMSE, latitude_weights, weighted_mean
 
@@ -59,6 +60,13 @@ class FieldUnits(BaseTask):
     def physical(self, fields: Tensor) -> Tensor:
         """Normalized fields ``(..., C, H, W)`` → physical units."""
         return fields * self.field_std[:, None, None] + self.field_mean[:, None, None]
+
+    def field_panels(self, fields: Tensor, step: StepOutput, index: int, titles: tuple[str, str, str]) -> list[Panel]:
+        """Maps of the first variable in physical units: ``fields`` ``(C, h, w)`` (the input), the
+        step's target and its prediction ``(C, H, W)`` of sample ``index``."""
+        name = self.channel_names[0]
+        maps = (fields, step.target[index], step.preds[index])
+        return [field_panel(self.physical(m)[0], f"{title}: {name}") for title, m in zip(titles, maps)]
 
     @staticmethod
     def row_weights(batch: dict[str, Tensor]) -> Tensor:
@@ -109,6 +117,10 @@ class WeatherForecastTask(FieldUnits):
             metrics[f"{prefix}RMSE"].update(forecast, target, weights)
             metrics[f"{prefix}ACC"].update(forecast, target, climate, weights)
         metrics["climatology_RMSE"].update(climate, target, weights)
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The first variable in physical units: last input | target | forecast."""
+        return self.field_panels(batch["x"][index, -1], step, index, ("last input", "target", "forecast"))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Prithvi WxC's ``masking_mode: both`` alternates local and global masking step by step."""
@@ -182,6 +194,10 @@ class DownscalingTask(FieldUnits):
         for prefix, fields in (("", step.preds.detach()), *((f"{b}_", step.extras[b]) for b in self.BASELINES)):
             metrics[f"{prefix}RMSE"].update(self.physical(fields), self.physical(target), uniform)
             metrics[f"{prefix}SSIM"].update(fields, target)
+
+    def sample_panels(self, batch: dict[str, Tensor], step: StepOutput, index: int) -> list[Panel]:
+        """The first variable in physical units: coarse input | fine target | downscaled."""
+        return self.field_panels(batch["coarse"][index], step, index, ("coarse input", "fine target", "downscaled"))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Downscaled fields ``(B, C, H, W)`` in physical units."""

@@ -1,0 +1,1 @@
+"""``workbench tune``: Optuna hyper-parameter search over a fit config."""
