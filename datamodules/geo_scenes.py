@@ -29,6 +29,7 @@ from torchgeo.samplers import GeoSampler, GridGeoSampler, RandomGeoSampler
 
 from datamodules.bands import select_bands
 from datamodules.normalize import Preprocessor
+from datamodules.raster import check_classes
 from datamodules.segmentation import GeoSegmentationDataModule
 from datamodules.splits import SPLITS, SplitDataModule, ratio_split, seeded_fraction
 from workbench.errors import UserInputError
@@ -105,11 +106,7 @@ class ToBatchKeys:
         mask = sample["mask"].long()
         if self.label_nodata is not None:
             mask = mask.masked_fill(mask == self.label_nodata, self.ignore_index)
-        bad = mask[((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)].unique()
-        if bad.numel():
-            raise UserInputError(f"{self.label_source} has values {bad.tolist()} outside classes "
-                                 f"0..{self.num_classes - 1} and ignore_index {self.ignore_index}: set "
-                                 "data.num_classes or data.ignore_index")
+        check_classes(mask, self.num_classes, self.ignore_index, self.label_source, "data.num_classes or data.ignore_index")
         return {"image": image, "mask": mask.masked_fill(~valid, self.ignore_index)}
 
 

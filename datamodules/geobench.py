@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.normalize import Preprocessor
-from datamodules.raster import random_flip_rotate
+from datamodules.raster import check_classes, random_flip_rotate
 from datamodules.splits import SPLITS, SplitDataModule, seeded_fraction
 from workbench.errors import UserInputError
 
@@ -223,13 +223,10 @@ class GeoBenchDataset(Dataset):
 
     def read_mask(self, sample: Any, path: Path) -> Tensor:
         """The ``label`` dataset ``(H, W)`` int64; values outside the classes name the file."""
-        mask = np.asarray(sample[self.band_key(sample, "label", path)]).astype(np.int64)
-        values = np.unique(mask)
-        bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
-        if bad.size:
-            raise UserInputError(f"{path}: label values {bad.tolist()} are outside classes 0..{self.num_classes - 1} "
-                                 f"and ignore_index {self.ignore_index}: set data.num_classes or data.ignore_index")
-        return torch.from_numpy(mask)
+        mask = torch.from_numpy(np.asarray(sample[self.band_key(sample, "label", path)]).astype(np.int64))
+        check_classes(mask, self.num_classes, self.ignore_index, f"the label of {path}",
+                      "data.num_classes or data.ignore_index")
+        return mask
 
     def read_label(self, sample: Any, path: Path) -> Tensor:
         """The class index ``()`` or multi-hot vector ``(K,)`` in the sample's pickled attributes."""

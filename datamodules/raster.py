@@ -42,6 +42,15 @@ def grid_windows(path: Path, size: int) -> list[Window]:
     return [Window(c, r, size, size) for r in range(0, height - size + 1, size) for c in range(0, width - size + 1, size)]
 
 
+def check_classes(mask: Tensor, num_classes: int, ignore_index: int, source: str, fix: str) -> None:
+    """Every value of ``mask`` must be a class ``0..num_classes-1`` or ``ignore_index``; others are
+    an error naming ``source`` (the label file) and what to set (``fix``)."""
+    bad = mask[((mask < 0) | (mask >= num_classes)) & (mask != ignore_index)].unique()
+    if bad.numel():
+        raise UserInputError(f"{source} has values {bad.tolist()} outside classes 0..{num_classes - 1} "
+                             f"and ignore_index {ignore_index}: set {fix}")
+
+
 class ChipDataset(Dataset):
     """Reads chips with rasterio (windowed), preprocesses them and checks their labels.
 
@@ -150,15 +159,10 @@ class ChipDataset(Dataset):
             mask = src.read(1, window=chip.window).astype(np.int64)
         for source, target in self.label_map.items():
             mask[mask == source] = target
-        values = np.unique(mask)
-        bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
-        if bad.size:
-            raise UserInputError(
-                f"mask {chip.mask} has values {bad.tolist()} outside classes 0..{self.num_classes - 1} "
-                f"and ignore_index {self.ignore_index}: set data.num_classes, data.label_map "
-                "(e.g. {-1: 255}) or data.ignore_index"
-            )
-        return torch.from_numpy(mask)
+        mask = torch.from_numpy(mask)
+        check_classes(mask, self.num_classes, self.ignore_index, f"mask {chip.mask}",
+                      "data.num_classes, data.label_map (e.g. {-1: 255}) or data.ignore_index")
+        return mask
 
     def read_target(self, index: int) -> Tensor:
         """Continuous target ``(H, W)`` float32, NaN where the label file has nodata or no value."""

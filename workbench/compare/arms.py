@@ -45,10 +45,6 @@ class Arm:
         """``workbench fit`` arguments: the base config with this arm's strategy, data and seed, then
         the comparison's ``extra`` overrides (``trainer.max_epochs=2``), then the arm's own (a
         zero-shot arm never trains)."""
-        logger = {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(out_dir), "name": self.name, "version": "run"},
-        }
         strategy = {"class_path": self.class_path, "init_args": self.init_args}
         args = [
             "fit",
@@ -56,10 +52,17 @@ class Arm:
             f"--model.init_args.strategy={json.dumps(strategy)}",
             f"--data.init_args.train_fraction={self.fraction or 1.0}",  # zero-shot: the data as is
             f"--seed_everything={self.seed}",
-            f"--trainer.logger={json.dumps(logger)}",
+            run_logger_arg(out_dir, self.name),
             *(f"--{a.lstrip('-')}" for a in (*extra, *self.overrides)),
         ]  # fmt: skip
         return args + ([f"--ckpt_path={resume}"] if resume else [])
+
+
+def run_logger_arg(out_dir: Path, name: str) -> str:
+    """The ``--trainer.logger`` argument that puts a fit's run in ``<out_dir>/<name>/run``."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(out_dir), "name": name, "version": "run"}}
+    return f"--trainer.logger={json.dumps(logger)}"
 
 
 def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:

@@ -101,11 +101,10 @@ def fit_args(cfg: Any, overrides: dict[str, Any], out_dir: Path, name: str, prun
     """``workbench fit`` arguments of one trial: the config, the trial's values (in
     ``<out_dir>/<name>/overrides.yaml``), ``--fit_args``, its own run folder ``<out_dir>/<name>/run``,
     one device (a trial is one process), and the pruning callback."""
-    logger = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(out_dir), "name": name, "version": "run"},
-    }
-    args = config_args(cfg, overrides, out_dir / name / "overrides.yaml") + [f"--trainer.logger={json.dumps(logger)}", "--trainer.devices=1", "--test_after_fit=true"]
+    from workbench.compare.arms import run_logger_arg
+
+    args = config_args(cfg, overrides, out_dir / name / "overrides.yaml") + [
+        run_logger_arg(out_dir, name), "--trainer.devices=1", "--test_after_fit=true"]
     if pruning is not None:
         args.append(f"--trainer.callbacks+={json.dumps({'class_path': 'workbench.tune.pruning.TrialPruning', 'init_args': pruning})}")
     return args
