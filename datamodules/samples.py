@@ -141,6 +141,7 @@ class Sentinel2WaterDataModule(EmbeddedSceneDataModule):
         train_fraction: float = 1.0,
         augment: bool = True,
         cache_mb: float = 1024,
+        augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -156,6 +157,7 @@ class Sentinel2WaterDataModule(EmbeddedSceneDataModule):
             train_fraction: train on this seeded fraction of the training chips.
             augment: random flips and rotations on the training split.
             cache_mb: memory (per split, MB) keeping read chips for later epochs; 0: re-read them.
+            augmentations: kornia transforms on training batches (see :mod:`datamodules.augment`).
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
             pin_memory: pin batches for faster host-to-GPU copies.
@@ -181,6 +183,7 @@ class Sentinel2WaterDataModule(EmbeddedSceneDataModule):
             train_fraction=train_fraction,
             augment=augment,
             cache_mb=cache_mb,
+            augmentations=augmentations,
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,

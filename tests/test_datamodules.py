@@ -199,6 +199,18 @@ def test_yaml_augmentations_move_every_per_pixel_entry_with_the_image(tmp_path: 
     assert out["valid"][:, 8, 8].all() and out["target"][:, 8, 8].isfinite().all()
 
 
+def test_embedded_datamodules_pass_cache_and_augmentations_on(tmp_path: Path) -> None:
+    """The embedded Sentinel-2 and Landsat-8 sets take the chip loader's cache_mb and augmentations."""
+    from datamodules import Landsat8CloudDataModule, Sentinel2WaterDataModule
+
+    flip = [{"class_path": "kornia.augmentation.RandomHorizontalFlip", "init_args": {"p": 1.0}}]
+    batch = {"image": torch.rand(2, 6, 8, 8), "mask": torch.randint(0, 2, (2, 8, 8))}
+    for module in (Sentinel2WaterDataModule, Landsat8CloudDataModule):
+        dm = module(cache_dir=str(tmp_path / module.__name__), cache_mb=3, augmentations=flip)
+        assert dm.cache_mb == 3
+        assert torch.equal(dm.batch_augmentation(batch)["mask"], batch["mask"].flip(-1))
+
+
 def test_band_stats_file_round_trip(tmp_path: Path) -> None:
     chips = make_segmentation_chips(tmp_path, n=6, size=16)
     dm = glob_module(chips, mean=None, std=None, file_bands=["A", "B", "C", "D", "E", "F"])
