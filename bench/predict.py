@@ -40,7 +40,7 @@ def write_scene(path: Path, side: int) -> None:
             dst.write(rng.integers(0, 5000, (6, rows, side), dtype=np.uint16), window=Window(0, row, side, rows))
 
 
-def run_case(backbone: str, scene: str, window: int, batch_size: int, device: str) -> dict:
+def run_case(backbone: str, scene: str, window: int, overlap: int, batch_size: int, device: str, bf16: bool) -> dict:
     """Predict one scene in this process and report throughput and peak memory."""
     import torch
 
@@ -50,13 +50,14 @@ def run_case(backbone: str, scene: str, window: int, batch_size: int, device: st
 
     task = SegmentationTask(num_classes=2, class_names=["land", "water"], **BACKBONES[backbone]).to(device)
     predictor = TiledPredictor(task, Preprocessor([1000.0] * 6, [500.0] * 6), SceneSpec(list(range(6)), 6, None, None),
-                               window=window, overlap=window // 4, batch_size=batch_size)
+                               window=window, overlap=overlap, batch_size=batch_size, bf16=bf16)
     start = time.perf_counter()
     predictor.predict_scene([Path(scene)], Path(scene).parent / "out", Path(scene).stem, quicklook=False)
     seconds = time.perf_counter() - start
     side = int(Path(scene).stem.split("_")[-1])
     hwm = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-    return {"backbone": backbone, "scene_px": side * side, "side": side, "window": window, "device": device,
+    return {"backbone": backbone, "scene_px": side * side, "side": side, "window": window, "overlap": overlap,
+            "device": device, "precision": "bf16" if bf16 else "fp32",
             "seconds": round(seconds, 1), "px_per_s": round(side * side / seconds), "peak_rss_mib": hwm // 1024,
             "peak_cuda_mib": torch.cuda.max_memory_allocated() >> 20 if device.startswith("cuda") else None,
             "threads": torch.get_num_threads()}
@@ -67,12 +68,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--window", type=int, default=224)
+    parser.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring windows "
+                        "(default: a quarter of the window)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     parser.add_argument("--case", nargs=2, metavar=("BACKBONE", "SCENE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.overlap = args.window // 4 if args.overlap is None else args.overlap
     if args.case:
-        print(json.dumps(run_case(*args.case, args.window, args.batch_size, args.device)))
+        print(json.dumps(run_case(*args.case, args.window, args.overlap, args.batch_size, args.device,
+                                  args.precision == "bf16")))
         return
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.sizes:
@@ -80,7 +86,8 @@ def main() -> None:
             write_scene(scene, side)
             for backbone in args.backbones:
                 cmd = [sys.executable, __file__, "--case", backbone, str(scene), "--window", str(args.window),
-                       "--batch_size", str(args.batch_size), "--device", args.device]
+                       "--overlap", str(args.overlap), "--batch_size", str(args.batch_size), "--device", args.device,
+                       "--precision", args.precision]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 print(out.strip().splitlines()[-1], flush=True)
             scene.unlink()

@@ -4,7 +4,11 @@ the ukis-csmask U-Net (``--sizes csmask``: EfficientNet-B4 + U-Net decoder, LoRA
 pointwise convs; no checkpointing switch).
 
 Each case runs in its own process and prints one JSON line: samples/s over the timed steps and
-peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS, VmHWM).
+peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS, VmHWM). The
+timed steps go through ``--steps`` distinct random batches ``--epochs`` times, set up as
+``workbench fit`` sets them up for un-augmented data (a frozen encoder's feature cache is on, so
+its epochs after the first run at decoder cost). ``--precision auto`` is ``auto_precision``'s
+choice for this machine (bf16 on GPUs and CPUs with AVX512-BF16 / AMX, else fp32).
 
     python bench/train.py                                   # 100M and 300M, all cases
     python bench/train.py --sizes 100m --batch_size 8 --precision bf16 --device cuda
@@ -57,29 +61,35 @@ def run_case(args: argparse.Namespace) -> dict:
     strategy_class = getattr(importlib.import_module(module), name)
     if cnn and "target_modules" in inspect.signature(strategy_class).parameters:
         options.setdefault("target_modules", CONV_LORA_TARGETS)
-    report = strategy_class(**options).apply(model)
+    strategy = strategy_class(**options)
+    report = strategy.apply(model)
+    strategy.on_fit_start(model, augmented=False)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     frames = () if cnn else (args.frames,)
     shape = (args.batch_size, len(backbone.bands), *frames, args.img_size, args.img_size)
-    image = torch.randn(shape, device=device)
-    mask = torch.randint(0, 2, (args.batch_size, args.img_size, args.img_size), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
+    batches = [(torch.randn(shape, device=device),
+                torch.randint(0, 2, (args.batch_size, args.img_size, args.img_size), device=device))
+               for _ in range(args.steps + 1)]  # the first one warms up
+    precision = resolved_precision(args.precision, device.type)
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
+    model.set_channels_last(dtype is not None)  # as `workbench fit` does under mixed precision
 
-    def step() -> None:
+    def step(image: torch.Tensor, mask: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = torch.nn.functional.cross_entropy(model(image), mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocations, kernels)
+    step(*batches[0])  # warm-up (allocations, kernels)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    for _ in range(args.epochs):
+        for image, mask in batches[1:]:
+            step(image, mask)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -90,13 +100,24 @@ def run_case(args: argparse.Namespace) -> dict:
     return {
         "backbone": SIZES[args.size], "strategy": args.strategy, "checkpointing": args.checkpointing,
         "trainable": report.trainable, "total": report.total, "batch_size": args.batch_size,
-        "img_size": args.img_size, "frames": args.frames, "precision": args.precision, "neck": args.neck,
+        "img_size": args.img_size, "frames": args.frames, "precision": precision, "neck": args.neck,
         "matmul_precision": torch.get_float32_matmul_precision(),
         "device": str(device),
-        "steps": args.steps, "samples_per_s": round(args.steps * args.batch_size / seconds, 3),
-        "step_s": round(seconds / args.steps, 3), "peak_mib": round(peak, 1),
+        "steps": args.steps, "epochs": args.epochs,
+        "samples_per_s": round(args.epochs * args.steps * args.batch_size / seconds, 3),
+        "step_s": round(seconds / (args.epochs * args.steps), 3), "peak_mib": round(peak, 1),
         "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
     }
+
+
+def resolved_precision(precision: str, device_type: str) -> str:
+    """``fp32`` / ``bf16`` as given; ``auto``: what ``auto_precision: true`` picks on ``device_type``
+    (``cpu``, ``cuda``)."""
+    if precision != "auto":
+        return precision
+    from workbench.precision import auto_precision
+
+    return "bf16" if auto_precision(device_type)[0] == "bf16-mixed" else "fp32"
 
 
 def main() -> None:
@@ -108,8 +129,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=3, help="distinct batches per epoch")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the --steps batches")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision: medium lets fp32 matmuls use bfloat16 inside")
     parser.add_argument("--neck", default="lean", choices=["wide", "lean"],
@@ -123,8 +145,8 @@ def main() -> None:
         print(json.dumps(run_case(args)), flush=True)
         return
     common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--frames={args.frames}",
-              f"--steps={args.steps}", f"--precision={args.precision}", f"--device={args.device}",
-              f"--neck={args.neck}", f"--matmul_precision={args.matmul_precision}"]
+              f"--steps={args.steps}", f"--epochs={args.epochs}", f"--precision={args.precision}",
+              f"--device={args.device}", f"--neck={args.neck}", f"--matmul_precision={args.matmul_precision}"]
     for size in args.sizes:
         for strategy in args.strategies:
             for on in args.checkpointing:

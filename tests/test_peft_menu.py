@@ -211,34 +211,47 @@ def test_parameter_groups_and_layer_decay() -> None:
 
 
 def test_feature_cache_gives_the_same_outputs() -> None:
-    cached, plain = tiny(Frozen(cache_features=True)), tiny(Frozen())
-    cached.train(), plain.train()
+    strategy = Frozen()
+    cached, plain = tiny(strategy), tiny(Frozen())
+    assert "feature cache on" in strategy.on_fit_start(cached, augmented=False)
+    cached.eval(), plain.eval()  # no head dropout: the outputs must be equal
     images = torch.randn(4, 6, 32, 32)
     for _ in range(2):  # two "epochs": the second is served from the cache
         for i in (0, 2):
-            torch.testing.assert_close(cached.decoder(cached.neck(cached.feature_cache(cached.backbone, images[i:i + 2]))),
-                                       plain.decoder(plain.neck(plain.backbone.forward_intermediates(images[i:i + 2]))))
-    assert cached.feature_cache.hits == 4 and cached.feature_cache.misses == 4
+            torch.testing.assert_close(cached(images[i:i + 2]), plain(images[i:i + 2]))
+    cache = cached.feature_cache
+    assert cache.hits == 4 and cache.misses == 4
+    assert "served 4 of 8" in strategy.on_fit_end(cached) and cached.feature_cache is None  # not kept for predict
+    for augmented in (True, None):  # augmented, or a datamodule that does not say: no cache unless asked for
+        assert "feature cache off" in strategy.on_fit_start(cached, augmented) and cached.feature_cache is None
 
 
 def test_cached_frozen_fit_matches_uncached(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The default frozen strategy caches features when the chips are not augmented, with the
+    results of an uncached run; asking for the cache on augmented data is refused."""
     results = []
-    for cache in (False, True):
-        strategy = {"class_path": "workbench.strategies.Frozen", "init_args": {"cache_features": cache}}
-        config = write_config(tmp_path / str(cache), model={"strategy": strategy, "decoder": "fcn"}, data={"augment": False},
+    for name, init_args in (("off", {"cache_features": False}), ("default", {})):
+        strategy = {"class_path": "workbench.strategies.Frozen", "init_args": init_args}
+        config = write_config(tmp_path / name, model={"strategy": strategy, "decoder": "fcn"}, data={"augment": False},
                               trainer={"max_epochs": 3})
         capsys.readouterr()
         assert main(["fit", "--config", str(config)]) == 0
-        if cache:  # 3 epochs of 4 train batches of 4 chips: epochs 2 and 3 come from the cache
-            served = re.search(r"feature cache served (\d+) of (\d+)", capsys.readouterr().out)
+        served = re.search(r"feature cache served (\d+) of (\d+)", capsys.readouterr().out)
+        if name == "default":  # 3 epochs of 4 train batches of 4 chips: epochs 2 and 3 come from the cache
             assert served and 0 < int(served[1]) < int(served[2])
-        run = tmp_path / str(cache) / "runs" / "tiny" / "version_0"
+        else:
+            assert served is None
+        run = tmp_path / name / "runs" / "tiny" / "version_0"
         results.append(json.loads((run / "results.json").read_text()))
     assert results[1]["val"] == pytest.approx(results[0]["val"], abs=1e-4)
     assert results[1]["test"] == pytest.approx(results[0]["test"], abs=1e-4)
+    default_augmented = write_config(tmp_path / "aug_default", model={"strategy": {
+        "class_path": "workbench.strategies.Frozen"}}, trainer={"max_epochs": 1})
+    capsys.readouterr()
+    assert main(["fit", "--config", str(default_augmented)]) == 0
+    assert "feature cache off: the training chips are augmented" in capsys.readouterr().out
     augmented = write_config(tmp_path / "aug", model={"strategy": {
         "class_path": "workbench.strategies.Frozen", "init_args": {"cache_features": True}}})
-    capsys.readouterr()
     assert main(["fit", "--config", str(augmented)]) == 2
     assert "augment: false" in capsys.readouterr().err
     flips = [{"class_path": "kornia.augmentation.RandomHorizontalFlip", "init_args": {"p": 0.5}}]

@@ -49,9 +49,9 @@ def scene(tmp_path: Path, size: tuple[int, int], nodata: float | None = None, ba
     return write_geotiff(tmp_path / "scene.tif", array, crs="EPSG:32633", transform=transform, nodata=nodata)
 
 
-def predictor(task: nn.Module, window: int, overlap: int) -> TiledPredictor:
+def predictor(task: nn.Module, window: int, overlap: int, bf16: bool = False) -> TiledPredictor:
     return TiledPredictor(task, Preprocessor(MEAN, STD), SceneSpec(list(range(6)), 6, "float32", [2, 1, 0]),
-                          window=window, overlap=overlap, batch_size=3)
+                          window=window, overlap=overlap, batch_size=3, bf16=bf16)
 
 
 def read(path: Path) -> np.ndarray:
@@ -82,15 +82,31 @@ def test_blended_tiles_equal_whole_image(tmp_path: Path, window: int, overlap: i
     np.testing.assert_array_equal(read(out["classes"])[0], expected.argmax(0))
 
 
-def test_tiled_equals_model_when_scene_fits_one_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_tiled_equals_model_when_scene_fits_one_window(tmp_path: Path, bf16: bool) -> None:
+    """One window: the scene's probabilities are the model's, in float32 or under bfloat16 autocast."""
     path = scene(tmp_path, (64, 64))
     task = SegmentationTask(num_classes=2, class_names=["land", "water"], decoder="fcn", decoder_channels=8,
                             backbone_kwargs=TINY_BACKBONE).eval()
-    out = predictor(task, 64, 16).predict_scene([path], tmp_path / "out", "s", probabilities=True)
+    out = predictor(task, 64, 16, bf16).predict_scene([path], tmp_path / "out", "s", probabilities=True)
     image, _ = Preprocessor(MEAN, STD)(read(path), None)
     with torch.no_grad():
         expected = task(image[None]).softmax(1)[0].numpy()
-    np.testing.assert_allclose(read(out["probabilities"]), expected, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected_bf16 = task(image[None]).float().softmax(1)[0].numpy()
+    assert np.abs(expected_bf16 - expected).max() > 1e-4  # bfloat16 is visibly another computation
+    np.testing.assert_allclose(read(out["probabilities"]), expected_bf16 if bf16 else expected, atol=1e-5)
+
+
+def test_predict_precision_choice() -> None:
+    from workbench.precision import auto_precision
+    from workbench.predict.command import predict_in_bf16
+
+    assert not predict_in_bf16("32", "cpu", onnx=False) and predict_in_bf16("bf16", "cpu", onnx=False)
+    assert predict_in_bf16("auto", "cpu", onnx=False) == (auto_precision("cpu")[0] == "bf16-mixed")
+    assert not predict_in_bf16("auto", "cpu", onnx=True)
+    with pytest.raises(UserInputError, match="--precision bf16 applies to checkpoints"):
+        predict_in_bf16("bf16", "cpu", onnx=True)
 
 
 def test_outputs_keep_georeference_nodata_and_metadata(tmp_path: Path) -> None:

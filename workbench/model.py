@@ -8,6 +8,7 @@ import logging
 from typing import Literal
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -30,8 +31,9 @@ class BackboneModel(nn.Module):
     """A ``backbone`` plus task layers.
 
     ``freeze_backbone()`` stops gradients into the backbone and keeps it in eval mode (no
-    dropout, drop-path or BN updates) even when the trainer calls ``.train()`` on the model;
-    with ``cache_features`` its features are also cached per sample (see :class:`FeatureCache`).
+    dropout, drop-path or BN updates) even when the trainer calls ``.train()`` on the model.
+    While a :class:`FeatureCache` is attached (``Frozen`` does so for fitting), features come
+    from it.
     """
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -44,10 +46,9 @@ class BackboneModel(nn.Module):
     def backbone_frozen(self) -> bool:
         return self._backbone_frozen
 
-    def freeze_backbone(self, cache_features: bool = False, cache_mib: float = 4096) -> None:
+    def freeze_backbone(self) -> None:
         self.backbone.requires_grad_(False)
         self._backbone_frozen = True
-        self.feature_cache = FeatureCache(cache_mib) if cache_features else None
         self.train(self.training)
 
     def train(self, mode: bool = True) -> BackboneModel:
@@ -61,6 +62,16 @@ class BackboneModel(nn.Module):
                     p.requires_grad for p in module.parameters(recurse=False)):
                 module.eval()
         return self
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Keep the task layers' (everything but the backbone) conv weights channels-last (NHWC)
+        or not. Under bfloat16 autocast oneDNN convolves NHWC faster (the flood run's step 12 %,
+        tiled prediction 15 % on an AVX512-BF16 CPU); in float32 NCHW is as fast or faster.
+        Outputs and saved weights do not change."""
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        for name, layers in self.named_children():
+            if name != "backbone":
+                layers.to(memory_format=layout)
 
     def features(self, image: Tensor, **backbone_kwargs: Tensor) -> list[Tensor]:
         """``backbone.forward_intermediates`` (one map per level), from the feature cache when there is one."""

@@ -92,6 +92,23 @@ def process_rank() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def predict_in_bf16(precision: str, device: str, onnx: bool) -> bool:
+    """Whether ``--precision`` (``32``, ``bf16``, ``auto``) means bfloat16 autocast on ``device``;
+    an ONNX model runs in the precision it was exported in."""
+    if precision == "32" or (onnx and precision == "auto"):
+        return False
+    if onnx:
+        raise UserInputError("--precision bf16 applies to checkpoints; an .onnx model runs in the precision it was "
+                             "exported in (drop --precision)")
+    if precision == "auto":
+        from workbench.precision import auto_precision
+
+        choice, reason = auto_precision(torch.device(device).type)
+        print(f"workbench: predicting in {'bfloat16' if choice == 'bf16-mixed' else 'float32'} ({reason})")
+        return choice == "bf16-mixed"
+    return True
+
+
 def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     """``workbench predict --config fit.yaml [--ckpt_path X.ckpt] --inputs ... --output_dir DIR``."""
     parser = config_parser(
@@ -115,6 +132,10 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     parser.add_argument("--probabilities", type=bool, default=False, help="also write class probabilities")
     parser.add_argument("--quicklook", type=bool, default=True, help="write a PNG quicklook per scene")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", type=Literal["32", "bf16", "auto"], default="32",
+                        help="32: float32; bf16: bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16; "
+                             "some pixels change class: 0.9 percent with the csmask U-Net); auto: bf16 where the device "
+                             "computes it natively")
     parser.add_argument("--bad_files", type=Literal["fail", "skip"], default="fail",
                         help="a scene that cannot be read (truncated, corrupt, not a raster): stop with its name "
                              "(fail) or warn and map the others (skip)")
@@ -156,15 +177,17 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     overlap = cfg.overlap if cfg.overlap is not None else window // 4
     if isinstance(task, OnnxPixelModel):
         task.check_scenes(source, window)
+    bf16 = predict_in_bf16(cfg.precision, device, isinstance(task, OnnxPixelModel))
     predictor = TiledPredictor(
-        task.to(device), source.preprocessor(), source.scene_spec(), window, overlap, cfg.batch_size, source.nodata
+        task.to(device), source.preprocessor(), source.scene_spec(), window, overlap, cfg.batch_size, source.nodata,
+        bf16,
     )
     out_dir = Path(cfg.output_dir)
     written = {}
     mine = list(zip(scenes, scene_stems(scenes)))[rank::world]  # several processes: scenes split round-robin
     if world > 1:
         print(f"workbench: rank {rank} of {world} maps {len(mine)} of {len(scenes)} scenes on {device}")
-    settings = {k: cfg.get(k) for k in ("data", "model", "ckpt_path", "probabilities", "quicklook")}
+    settings = {k: cfg.get(k) for k in ("data", "model", "ckpt_path", "probabilities", "quicklook", "precision")}
     for files, stem in mine:
         try:
             key = resume_key([*files, *([Path(cfg.ckpt_path)] if cfg.ckpt_path else [])],

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from datamodules.normalize import Preprocessor
 from datamodules.scenes import SceneSpec
 from workbench.errors import UnreadableFile, UserInputError, first_line
+from workbench.model import BackboneModel
 from workbench.predict.outputs import SceneWriter
 from workbench.predict.windows import WindowPlan, blend_weights
 from workbench.tasks.dense import PixelPredictor
@@ -106,6 +107,7 @@ class TiledPredictor:
         overlap: pixels shared by neighbouring windows, blended with tapered weights.
         batch_size: windows per forward pass.
         nodata: overrides the scenes' own nodata value.
+        bf16: run the model under bfloat16 autocast (outputs still float32).
     """
 
     def __init__(
@@ -117,8 +119,12 @@ class TiledPredictor:
         overlap: int = 32,
         batch_size: int = 8,
         nodata: float | None = None,
+        bf16: bool = False,
     ) -> None:
         self.task = task.eval()
+        self.bf16 = bf16
+        if isinstance(getattr(task, "model", None), BackboneModel):
+            task.model.set_channels_last(bf16)
         self.preprocess = preprocess
         self.spec = spec
         self.window = window
@@ -138,7 +144,8 @@ class TiledPredictor:
         out = np.zeros((len(arrays), len(self.task.output_names), *valid.shape[1:]), np.float32)
         if run.any():
             batch = {"image": torch.stack([image for image, keep in zip(images, run) if keep]).to(self.device)}
-            out[run] = self.task.predict_step(batch, 0).float().cpu().numpy()
+            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+                out[run] = self.task.predict_step(batch, 0).float().cpu().numpy()
         return out, valid
 
     def predict_scene(

@@ -96,6 +96,15 @@ class Strategy:
         need none. Called once before training starts, also by a resumed run (whose checkpoint
         weights then replace what it set)."""
 
+    def on_fit_start(self, model: BackboneModel, augmented: bool | None) -> str | None:
+        """Called when fitting starts; ``augmented``: whether the training chips are augmented
+        (None: the datamodule does not say). Returns a line for the log, or None."""
+        return None
+
+    def on_fit_end(self, model: BackboneModel) -> str | None:
+        """Called when fitting ends. Returns a line for the log, or None."""
+        return None
+
     def on_train_step(self, model: BackboneModel, step: int) -> None:
         """Called before every training batch with the optimizer step count (LISA draws the
         blocks that train); most strategies do nothing."""

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 
 from backbones.builder import create_backbone
 from workbench.errors import UserInputError
+from workbench.model import BackboneModel
 from workbench.optim import PARAMETER_GROUPS, parameter_groups
 from workbench.run_plots import Panel, curve, field_panel, image_panel, lines_panel, points_panel
 from workbench.strategies import Full, InitBatches, Strategy, StrategyReport
@@ -161,6 +162,8 @@ class BaseTask(LightningModule):
         return getattr(self, f"{stage}_metrics", None)
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.model, BackboneModel):  # NHWC task layers pay under mixed precision only
+            self.model.set_channels_last("16" in str(self.trainer.precision))
         if stage == "fit" and self.strategy.init_batches and not getattr(self, "_initialized", False):
             self.initialize_strategy()
         if self.hparams.compile_model and stage == "fit" and not getattr(self, "_compiled", False):
@@ -280,21 +283,17 @@ class BaseTask(LightningModule):
         self._log_metrics("test")
 
     def on_fit_start(self) -> None:
-        if self.trainer.is_global_zero:
-            print(f"workbench: {self.strategy_report}")
         data = self.trainer.datamodule
-        augmented = getattr(data, "augment", False) or getattr(data, "batch_augmentation", None) is not None
-        if getattr(self.model, "feature_cache", None) is not None and augmented:
-            raise UserInputError(
-                "strategy.cache_features needs un-augmented chips (augmented ones never repeat): "
-                "set data.init_args.augment: false and remove data.init_args.augmentations, or cache_features: false."
-            )
+        augment = getattr(data, "augment", None)
+        augmented = None if augment is None else bool(augment) or getattr(data, "batch_augmentation", None) is not None
+        lines = [str(self.strategy_report), self.strategy.on_fit_start(self.model, augmented)]
+        if self.trainer.is_global_zero:
+            print("\n".join(f"workbench: {line}" for line in lines if line))
 
     def on_fit_end(self) -> None:
-        cache = getattr(self.model, "feature_cache", None)
-        if cache is not None and self.trainer.is_global_zero:
-            print(f"workbench: feature cache served {cache.hits} of {cache.hits + cache.misses} encoder passes "
-                  f"({cache.bytes / 2**20:.1f} MiB)")
+        line = self.strategy.on_fit_end(self.model)
+        if line and self.trainer.is_global_zero:
+            print(f"workbench: {line}")
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

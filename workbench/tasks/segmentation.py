@@ -87,5 +87,5 @@ class SegmentationTask(DenseTask):
                 class_panel(step.preds[index], self.class_names, "prediction")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Class probabilities ``(B, num_classes, H, W)``."""
-        return self.forward_batch(batch).softmax(1)
+        """Class probabilities ``(B, num_classes, H, W)``, float32 also under bfloat16 autocast."""
+        return self.forward_batch(batch).float().softmax(1)
