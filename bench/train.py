@@ -45,6 +45,7 @@ def run_case(args: argparse.Namespace) -> dict:
     import backbones  # noqa: F401  (registers the models)
     from workbench.compare.arms import parse_strategy
     from workbench.model import build_encoder_decoder
+    from workbench.optim import fused_default
 
     torch.manual_seed(0)
     torch.set_float32_matmul_precision(args.matmul_precision)
@@ -65,7 +66,8 @@ def run_case(args: argparse.Namespace) -> dict:
     report = strategy.apply(model)
     strategy.on_fit_start(model, augmented=False)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  **fused_default(torch.optim.AdamW))  # as `workbench fit` builds it
     frames = () if cnn else (args.frames,)
     shape = (args.batch_size, len(backbone.bands), *frames, args.img_size, args.img_size)
     batches = [(torch.randn(shape, device=device),

@@ -60,3 +60,33 @@ def test_bf16_training_follows_fp32_and_auto_is_recorded(tmp_path: Path, capsys:
     auto, _ = fit(tmp_path / "auto", "--auto_precision=true")
     assert auto["precision"] == precision.auto_precision("cpu")[0]
     assert f"trainer.precision {auto['precision']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("trainer_precision", "nhwc"), [("bf16-mixed", True), ("32-true", False)])
+def test_task_layers_are_channels_last_under_mixed_precision_only(trainer_precision: str, nhwc: bool) -> None:
+    """``setup`` lays the neck/decoder/head convs out NHWC under mixed precision, NCHW otherwise;
+    the backbone is untouched, and outputs and state-dict values do not change."""
+    from lightning.pytorch import Trainer
+
+    from tests.conftest import TINY_BACKBONE
+    from workbench.tasks import SegmentationTask
+
+    torch.manual_seed(0)
+    task = SegmentationTask(num_classes=2, class_names=["land", "water"], decoder="uper", decoder_channels=16,
+                            backbone_kwargs=TINY_BACKBONE).eval()
+    image = torch.randn(2, 6, 1, 32, 32)
+    with torch.no_grad():
+        before = task(image)
+    state = {k: v.clone() for k, v in task.state_dict().items()}
+    task.trainer = Trainer(accelerator="cpu", precision=trainer_precision, logger=False, enable_checkpointing=False)
+    task.setup("fit")
+    # kernels wider than 1x1 (a 1x1 kernel's strides fit both layouts)
+    convs = [m.weight for m in task.model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    task_convs = [m.weight for name, m in task.model.named_modules()
+                  if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and not name.startswith("backbone.")]
+    assert task_convs and all(w.is_contiguous(memory_format=torch.channels_last) == nhwc for w in task_convs)
+    assert all(w.is_contiguous() for w in convs if not any(w is t for t in task_convs))  # the backbone's own
+    with torch.no_grad():
+        torch.testing.assert_close(task(image), before, rtol=1e-5, atol=1e-6)
+    for key, value in task.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)

@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from backbones.builder import create_backbone
 from workbench.errors import UserInputError
 from workbench.model import BackboneModel
-from workbench.optim import PARAMETER_GROUPS, parameter_groups
+from workbench.optim import PARAMETER_GROUPS, fused_default, parameter_groups
 from workbench.run_plots import Panel, curve, field_panel, image_panel, lines_panel, points_panel
 from workbench.strategies import Full, InitBatches, Strategy, StrategyReport
 
@@ -298,7 +298,10 @@ class BaseTask(LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = parameter_groups(self.model, self.strategy.added_parameters, hp.lr_multipliers, hp.layer_decay)
-        optimizer = self.optimizer(groups)
+        try:
+            optimizer = self.optimizer(groups, **fused_default(self.optimizer))
+        except RuntimeError:  # parameters on a device or of a dtype the fused kernel does not take
+            optimizer = self.optimizer(groups)
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_scale"]
         if self.lr_scheduler is None:
