@@ -86,7 +86,7 @@ class MAEDecoder(nn.Module):
         """``latent`` ``(B, 1 + K, D)``, ``keep`` ``(B, K)`` → pixel predictions ``(B, N, s*p*q*C)``."""
         x = self.decoder_embed(latent)
         b, n = x.shape[0], grid[0] * grid[1] * grid[2]
-        full = self.mask_token.expand(b, n, -1).clone()
+        full = self.mask_token.to(x.dtype).expand(b, n, -1).clone()  # x is bfloat16 under autocast
         full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, self.dim), x[:, 1:])
         full = full + sincos_3d(self.dim, grid).unsqueeze(0).to(x)
         if self.temporal_embed_dec is not None and temporal_coords is not None:

@@ -69,6 +69,22 @@ def test_loss_only_on_hidden_patches() -> None:
     assert torch.equal(hidden_patch_mse(changed, target, keep), loss.detach())
 
 
+def test_mae_runs_under_bf16_autocast_like_fp32() -> None:
+    """Under bfloat16 autocast (``trainer.precision: bf16-mixed``) the decoder's mask tokens take the
+    activations' dtype: the same predictions within bfloat16 rounding, and the mask token still learns."""
+    mae = tiny_mae()
+    image = torch.randn(2, 6, 32, 32)
+    torch.manual_seed(1)
+    pred, keep, _ = mae(image, mask_ratio=0.5)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred_bf16, keep_bf16, _ = mae(image, mask_ratio=0.5)
+    assert torch.equal(keep, keep_bf16) and pred_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(pred_bf16.float(), pred.detach(), atol=0.05 * pred.abs().max().item(), rtol=0)
+    pred_bf16.float().square().mean().backward()
+    assert mae.decoder.mask_token.grad is not None and mae.decoder.mask_token.grad.abs().sum() > 0
+
+
 def test_pretrain_cli_lowers_loss_and_encoder_loads_as_pretrained(tmp_path: Path) -> None:
     path = write_config(tmp_path, trainer={"max_epochs": 5})
     config = yaml.safe_load(path.read_text())
