@@ -134,8 +134,10 @@ def task_folder(root: Path, task: str) -> Path:
         raise UserInputError(f"data.root {root} is not a folder")
     found = [root / task] if (root / task).is_dir() else sorted(p for p in root.glob(f"*/{task}") if p.is_dir())
     if not found:
-        raise UserInputError(f"data.task: no folder {task} in {root} or its benchmark folders "
-                             "(e.g. classification_v1.0/m-eurosat)")
+        tasks = sorted(str(p.parent.relative_to(root)) for pattern in ("*/task_specs.pkl", "*/*/task_specs.pkl")
+                       for p in root.glob(pattern))
+        raise UserInputError(f"data.task: no folder {task} in {root} or its benchmark folders; the tasks there: "
+                             f"{', '.join(tasks) or 'none (no task_specs.pkl found)'}")
     return found[0]
 
 

@@ -236,6 +236,8 @@ def test_compare_config_builds_its_arms(monkeypatch: pytest.MonkeyPatch) -> None
     assert "scratch" not in cfg.strategies and "zero_shot" not in cfg.strategies
     assert cfg.metric == "mIoU" and cfg.seeds == [0, 1, 2] and cfg.fractions == [1.0]
     arms = build_arms(cfg.strategies, cfg.fractions, cfg.seeds)
+    assert [(a.strategy, a.seed) for a in arms if a.strategy == "trivial"] == [("trivial", 0)]  # one seed: no spread
+    arms = [a for a in arms if a.strategy != "trivial"]
     assert len(arms) == 6 * 3
     names = {arm.strategy.partition(":")[0] for arm in arms}
     assert names == {"frozen", "full", "lora", "bottleneck", "point_peft"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from argparse import ArgumentError
 from typing import Any
@@ -76,7 +77,7 @@ def _lightning_cli_class() -> tuple[type, type, type]:
         def before_instantiate_classes(self) -> None:
             """With ``auto_precision``, an unset ``trainer.precision`` is chosen from the hardware;
             resuming from a run's checkpoint continues that run's folder (logger version)."""
-            config = self.config.get(self.subcommand)
+            config = self.config.get(self.subcommand) if self.subcommand else self.config  # run=False: no subcommand
             if config.auto_precision and config.trainer.precision is None:
                 config.trainer.precision, why = auto_precision(str(config.trainer.accelerator))
                 rank_zero_only(print)(f"workbench: trainer.precision {config.trainer.precision} ({why}); "
@@ -154,10 +155,12 @@ def _lightning_cli_class() -> tuple[type, type, type]:
     return WorkbenchCLI, BaseTask, LightningDataModule  # the CLI class, the model and data base classes
 
 
-def run_lightning(args: list[str] | None) -> None:
-    """Run a Lightning subcommand (``fit``, ...); ``args`` None reads ``sys.argv``."""
+def lightning_cli(args: list[str] | None, run: bool = True) -> Any:
+    """The Workbench LightningCLI over ``args`` (None: ``sys.argv``): with ``run`` a subcommand
+    (``fit``, ...) runs; without, ``args`` hold no subcommand and the CLI only builds its model,
+    datamodule and trainer."""
     cli_class, task_class, data_class = _lightning_cli_class()
-    cli_class(
+    return cli_class(
         task_class,
         data_class,
         subclass_mode_model=True,
@@ -167,7 +170,13 @@ def run_lightning(args: list[str] | None) -> None:
         # parse errors raise (not print usage and exit), so main() can explain them in one line
         parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
         args=args,
+        run=run,
     )
+
+
+def run_lightning(args: list[str] | None) -> None:
+    """Run a Lightning subcommand (``fit``, ...); ``args`` None reads ``sys.argv``."""
+    lightning_cli(args)
 
 
 def run_stats(args: list[str]) -> dict[str, Any]:
@@ -273,9 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     lightning_args = None if argv is None else args
-    try:
+
+    def run() -> None:
         if not print_help(command, rest, lambda: run_command(command, rest, lightning_args)):
             run_command(command, rest, lightning_args)
+
+    return explain_errors(run)
+
+
+def explain_errors(run: Callable[[], object]) -> int:
+    """``run()``; a user's mistake (bad input, full disk, ...) is printed as one ``workbench: error:``
+    line (exit status 2) instead of a traceback; 0 when it succeeds."""
+    try:
+        run()
     except Exception as err:
         cause = user_error(err) or storage_error(err)
         if cause is None:

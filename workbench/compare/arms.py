@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from workbench.compare.trivial import TRIVIAL
 from workbench.errors import UserInputError
 
 
@@ -71,7 +72,7 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
 
     name, _, options = spec.partition(":")
     if name not in STRATEGIES:
-        raise UserInputError(f"--strategies: unknown strategy {name!r}; known: {', '.join([*STRATEGIES, *BASELINES])}")
+        raise UserInputError(f"--strategies: unknown strategy {name!r}; known: {', '.join([*STRATEGIES, *BASELINES, TRIVIAL])}")
     init_args = {}
     for item in filter(None, re.split(r",(?![^\[]*\])", options)):  # commas inside [...] stay
         key, sep, value = item.partition("=")
@@ -85,13 +86,19 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
 def build_arms(strategies: list[str], fractions: list[float], seeds: list[int]) -> list[Arm]:
     """Every combination, strategies outermost (the table reads strategy by strategy). The
     :data:`BASELINES` are arms too: ``scratch`` like any strategy, ``zero_shot`` once (fraction
-    0: no training data; deterministic, so one seed)."""
+    0: no training data; deterministic, so one seed); ``trivial`` once per fraction (first seed)."""
     for fraction in fractions:
         if not 0.0 < fraction <= 1.0:
             raise UserInputError(f"--fractions: {fraction} is not in (0, 1]; use e.g. 0.1 0.25 0.5 1.0")
     arms = []
     for spec in strategies:
         name, _, options = spec.partition(":")
+        if name == TRIVIAL:  # a constant fitted to each fraction's training targets replaces the model,
+            # which is built (frozen, no feature cache) but never run
+            if options:
+                raise UserInputError(f"--strategies {spec}: {TRIVIAL} takes no options")
+            arms += [Arm(spec, "workbench.strategies.Frozen", {"cache_features": False}, f, seeds[0]) for f in fractions]
+            continue
         runs, overrides = BASELINES.get(name, (None, ()))
         parsed = parse_strategy(f"{runs}:{options}" if runs else spec)
         if name == "zero_shot":

@@ -10,6 +10,7 @@ from typing import Any
 
 from workbench.compare.arms import BASELINES, Arm, build_arms
 from workbench.compare.report import table_row, write_csv, write_markdown, write_plots
+from workbench.compare.trivial import TRIVIAL
 from workbench.errors import UserInputError
 
 
@@ -29,8 +30,9 @@ def parser() -> Any:
     p.add_argument("--base_config", type=str, required=True, help="the fit config every arm runs")
     p.add_argument("--strategies", type=str, nargs="+", default=["frozen", "lora", "full"],
                    help="short names, optionally with arguments (lora:rank=4,alpha=8); known: " + ", ".join(STRATEGIES)
-                   + "; baselines: " + ", ".join(BASELINES)
-                   + " (zero_shot: the pretrained model, test only; scratch: full from random init)")
+                   + "; baselines: " + ", ".join([*BASELINES, TRIVIAL])
+                   + " (zero_shot: the pretrained model, test only; scratch: full from random init; trivial: one "
+                   "constant fitted to the training targets, e.g. the majority class, scored as the arms are)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0], help="training-set fractions, e.g. 0.1 0.5 1.0")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (seed_everything) per arm")
     p.add_argument("--metric", type=str, default="mIoU", help="metric for the table and plots (val/<m>, test/<m>)")
@@ -49,15 +51,20 @@ def arm_results(arm_dir: Path) -> dict[str, Any] | None:
 
 
 def run_arm(arm: Arm, base_config: str, out_dir: Path, fit_args: list[str]) -> dict[str, Any]:
-    """Fit one arm in its own process (its own peak memory), resuming from its last checkpoint."""
+    """Fit one arm in its own process (its own peak memory), resuming from its last checkpoint;
+    the trivial arm is built from the same arguments and scored without fitting."""
     last = out_dir / arm.name / "run" / "checkpoints" / "last.ckpt"
     resume = last if last.is_file() else None
     args = arm.fit_args(base_config, out_dir, resume, fit_args)
+    if arm.strategy == TRIVIAL:
+        args = ["-m", "workbench.compare.trivial", *args[1:]]  # no subcommand: build the run, do not fit
+    else:
+        args = ["-m", "workbench.cli", *args]
     print(f"workbench compare: {'resuming' if resume else 'running'} {arm.name}", flush=True)
     log = out_dir / arm.name / "fit.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as stream:
-        code = subprocess.call([sys.executable, "-m", "workbench.cli", *args], stdout=stream, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, *args], stdout=stream, stderr=subprocess.STDOUT)
     results = arm_results(out_dir / arm.name)
     if code != 0 or results is None:
         lines = log.read_text().splitlines(keepends=True)

@@ -81,8 +81,8 @@ def seed_summary(rows: list[dict[str, Any]], metric: str, key: str = "test") -> 
         return []
     lines = ["", f"Test {metric} over seeds:", "", "| strategy | fraction | seeds | mean | std |", "|---|---|---|---|---|"]
     for (strategy, fraction), values in groups.items():
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {strategy} | {fraction} | {len(values)} | {statistics.mean(values):.4f} | {std:.4f} |")
+        std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "–"  # one seed (trivial, zero_shot): no spread
+        lines.append(f"| {strategy} | {fraction} | {len(values)} | {statistics.mean(values):.4f} | {std} |")
     return lines
 
 
@@ -95,8 +95,8 @@ def _mean_by(rows: list[dict[str, Any]], keys: tuple[str, ...], value: str) -> d
 
 
 def write_plots(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> list[Path]:
-    """``metric_vs_params.png`` (test metric vs trainable parameters, seeds averaged) and, with
-    several fractions, ``metric_vs_fraction.png`` (one line per strategy)."""
+    """``metric_vs_params.png`` (test metric vs trainable parameters, seeds averaged; arms that
+    train nothing as dashed lines) and, with several fractions, ``metric_vs_fraction.png`` (one line per strategy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +107,10 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> list[
     points = _mean_by([r for r in rows if r["fraction"] == full_data], ("strategy", "trainable"), "test")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (strategy, trainable), value in sorted(points.items(), key=lambda item: item[0][1]):
-        ax.scatter(trainable, value, label=f"{_short(strategy)} ({trainable:,})")
+        if trainable:
+            ax.scatter(trainable, value, label=f"{_short(strategy)} ({trainable:,})")
+        else:  # nothing trained (the trivial baseline): a reference line across the plot
+            ax.axhline(value, color="grey", linestyle="--", label=f"{_short(strategy)} (no training)")
     _legend_outside(ax)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"test {metric}",
            title=f"test {metric} vs trainable parameters (training fraction {full_data:g})")
