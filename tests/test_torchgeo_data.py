@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from pyproj import Transformer
 from rasterio.transform import from_origin
 from torchgeo.datamodules import EuroSAT100DataModule
-from torchgeo.datasets import EuroSAT100, IntersectionDataset, RasterDataset
+from torchgeo.datasets import EuroSAT100, IntersectionDataset, Landsat8, RasterDataset
 
 from datamodules import TorchGeoDataModule
 from datamodules.augment import BatchAugmentation
@@ -257,3 +257,74 @@ def test_geodataset_coordinates_reach_the_model(tmp_path: Path) -> None:
     undated = TorchGeoDataModule(**scene_data(tmp_path / "scenes", coords=True)["init_args"])
     with pytest.raises(UserInputError, match="carry no dates"):
         undated.dataset("train")[0]
+
+
+LANDSAT_BANDS = ["B2", "B3", "B4", "B5", "B6", "B7"]
+
+
+def write_landsat_scene(root: Path, size: int = 64) -> None:
+    """One Landsat-8 L1TP scene as six band files named as USGS names them (uint16 DN)."""
+    rng = np.random.default_rng(2)
+    for band in LANDSAT_BANDS:
+        write_geotiff(root / f"LC08_L1TP_224078_20200518_20200518_01_RT_{band}.TIF",
+                      rng.integers(5000, 15000, (1, size, size)).astype(np.uint16), crs="EPSG:32621",
+                      transform=from_origin(717345.0, -2776995.0, 30.0, 30.0))
+
+
+def landsat_args(root: Path, size: int = 16, **changes: Any) -> dict[str, Any]:
+    return {"dataset": {"class_path": "torchgeo.datasets.Landsat8", "init_args": {"paths": str(root), "bands": LANDSAT_BANDS}},
+            "sampler": {"class_path": "torchgeo.samplers.RandomGeoSampler", "init_args": {"size": size, "length": 6}},
+            "mean": [1.0e4] * 6, "std": [3.0e3] * 6, "split_grid": 4, **changes}
+
+
+def landsat_data(root: Path, **changes: Any) -> TorchGeoDataModule:
+    return TorchGeoDataModule(**landsat_args(root, **changes))
+
+
+def test_torchgeo_landsat_bands_take_hls_names_and_images_alone_have_no_classes(tmp_path: Path) -> None:
+    """torchgeo's Landsat8 numbers bands as OLI does (B5 is NIR, not Sentinel-2's red edge); images
+    without masks or labels (masked-autoencoder data) have no classes instead of an error."""
+    write_landsat_scene(tmp_path)
+    data = landsat_data(tmp_path)
+    assert data.bands == ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
+    assert landsat_data(tmp_path, bands=["B5", "B6"]).bands == ["NIR_NARROW", "SWIR_1"]
+    assert (data.num_classes, data.class_names) == (0, [])
+    write_scenes(tmp_path / "s2")  # not a Landsat dataset: Sentinel-2 numbering
+    assert TorchGeoDataModule(**scene_data(tmp_path / "s2", bands=["B5", "B11"])["init_args"]).bands == ["B5", "SWIR_1"]
+
+
+def test_grid_cell_split_reads_every_split(tmp_path: Path) -> None:
+    """``split_grid`` cuts each file into cells dealt to the splits: every split reads its boxes
+    (torchgeo 0.8.1's grid split loses the file paths and the CRS; they are put back), and the
+    splits' cells do not overlap."""
+    write_landsat_scene(tmp_path)
+    data = landsat_data(tmp_path)
+    whole = data.split_datasets["train"]
+    cells = {}
+    for split, dataset in data.split_datasets.items():
+        assert dataset.index.crs == whole.index.crs is not None
+        sample = data.dataset(split)[0]
+        assert sample["image"].shape == (6, 16, 16) and torch.isfinite(sample["image"]).all()
+        cells[split] = dataset.index.geometry.union_all()
+    assert cells["train"].intersection(cells["val"]).area == 0 == cells["val"].intersection(cells["test"]).area
+    with pytest.raises(UserInputError, match="split_grid: the val and test split.* 1 file.*split_grid 1"):
+        landsat_data(tmp_path, split_grid=1).split_datasets
+
+
+def test_mae_pretraining_on_torchgeo_landsat_sees_its_samples(tmp_path: Path) -> None:
+    """Images alone (no mask, no label) through ``workbench fit`` with the masked-autoencoder task:
+    the batches are torchgeo's Landsat8 samples at the module's boxes, normalised, pixel for pixel."""
+    write_landsat_scene(tmp_path / "landsat", size=192)
+    data = {"class_path": "datamodules.TorchGeoDataModule", "init_args": {**landsat_args(tmp_path / "landsat", size=32),
+                                                                           "coords": True, "batch_size": 3}}
+    model = {"class_path": "workbench.tasks.MAEPretrainTask", "init_args": {
+        "backbone": "prithvi_eo_v2_tiny_tl", "backbone_kwargs": dict(TINY_BACKBONE),
+        "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}
+    recorded_fit(tmp_path, model, data, "val/loss")
+    module = TorchGeoDataModule(**data["init_args"])
+    raw = Landsat8(paths=str(tmp_path / "landsat"), bands=LANDSAT_BANDS)
+    for split in ("train", "val"):
+        references = [{"image": (raw[query]["image"] - 1.0e4) / 3.0e3} for query in module.dataset(split).queries]
+        batches = BatchRecorder.batches[split]
+        assert all(set(b) == {"image", "location_coords", "temporal_coords"} for b in batches)
+        assert_batches_are_samples(batches, references, ("image",))
