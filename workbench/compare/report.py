@@ -110,7 +110,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> list[
         if trainable:
             ax.scatter(trainable, value, label=f"{_short(strategy)} ({trainable:,})")
         else:  # nothing trained (the trivial baseline): a reference line across the plot
-            ax.axhline(value, color="grey", linestyle="--", label=f"{_short(strategy)} (no training)")
+            ax.axhline(value, color="grey", linestyle="--", label=f"{_short(strategy)} (0 trainable)")
     _legend_outside(ax)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"test {metric}",
            title=f"test {metric} vs trainable parameters (training fraction {full_data:g})")
