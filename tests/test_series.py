@@ -15,7 +15,7 @@ from backbones.patchtst import num_patches
 from datamodules.series import ForecastingDataModule, UCRDataModule, fill_gaps, read_ts
 from backbones.layers import instance_normalize
 from heads.series import PatchReconstructionHead
-from tests.conftest import direct_outputs, fit_run, write_task_config
+from tests.conftest import direct_outputs, fit_run, split_samples, write_task_config
 from workbench.cli import main
 from workbench.errors import UserInputError
 from workbench.tasks.series_imputation import sample_gaps
@@ -129,6 +129,17 @@ def test_reconstruction_head_and_instance_norm() -> None:
     torch.testing.assert_close((normalized * std + mean)[observed], series[observed], atol=1e-4, rtol=1e-4)
 
 
+def amplitude_regression(root: Path) -> dict:
+    """Sines of random amplitude with the amplitude as the target (UCR regression ``.ts`` files)."""
+    for part, n, seed in (("TRAIN", 40, 0), ("TEST", 20, 1)):
+        rng = np.random.default_rng(seed)
+        amplitude = rng.uniform(1, 3, n)
+        series = amplitude[:, None, None] * np.sin(np.linspace(0, 6, 48))[None, None] + rng.normal(0, 0.05, (n, 1, 48))
+        write_ts(root / "Amp" / f"Amp_{part}.ts", series, [f"{a:.4f}" for a in amplitude], "@targetLabel true")
+    return {"class_path": "datamodules.UCRDataModule",
+            "init_args": {"name": "Amp", "root": str(root), "batch_size": 8, "normalize": False}}
+
+
 def series_model(task: str, strategy: str = "LoRA", **init: object) -> dict:
     return {"class_path": f"workbench.tasks.{task}", "init_args": {
         "backbone": "patchtst_tiny", "backbone_kwargs": dict(TINY_PATCHTST), **init,
@@ -170,13 +181,7 @@ def test_forecasting_imputation_and_scalar_regression_fit(tmp_path: Path, capsys
     assert losses[-1] < losses[0] and {"test/MAE", "test/mean_fill_MAE"} <= set(results["test"])
 
     root = tmp_path / "reg"
-    for part, n, seed in (("TRAIN", 40, 0), ("TEST", 20, 1)):
-        rng = np.random.default_rng(seed)
-        amplitude = rng.uniform(1, 3, n)
-        series = amplitude[:, None, None] * np.sin(np.linspace(0, 6, 48))[None, None] + rng.normal(0, 0.05, (n, 1, 48))
-        write_ts(root / "Amp" / f"Amp_{part}.ts", series, [f"{a:.4f}" for a in amplitude], "@targetLabel true")
-    data = {"class_path": "datamodules.UCRDataModule",
-            "init_args": {"name": "Amp", "root": str(root), "batch_size": 8, "normalize": False}}
+    data = amplitude_regression(root)
     losses, results = fit_run(write_task_config(tmp_path / "r", series_model("ScalarRegressionTask", "Full"),
                                                 data, "val/RMSE"))
     assert losses[-1] < losses[0] and {"test/RMSE", "test/R2"} <= set(results["test"])
@@ -200,3 +205,18 @@ def test_compare_runs_on_time_series(tmp_path: Path) -> None:
     for row in rows.values():  # each arm's test accuracy is that of its checkpoint, run here
         logits, labels = direct_outputs(row["checkpoint"], config)
         assert float(row["test"]) == pytest.approx((logits.argmax(1) == labels).float().mean().item(), abs=1e-6)
+
+
+def test_trivial_arm_predicts_the_training_mean(tmp_path: Path) -> None:
+    """``compare --strategies trivial`` on a scalar regression whose target statistics come from the
+    data: its test RMSE and R² are those of the training split's mean, computed here."""
+    config = write_task_config(tmp_path, series_model("ScalarRegressionTask", "Full"),
+                               amplitude_regression(tmp_path / "reg"), "val/RMSE")
+    out = tmp_path / "compare"
+    assert main(["compare", "--base_config", str(config), "--strategies", "trivial", "--metric", "RMSE",
+                 "--extra_metrics", "R2", "--output_dir", str(out)]) == 0
+    (row,) = list(csv.DictReader((out / "results.csv").open()))
+    mean = torch.stack([s["target"] for s in split_samples(config, "train")]).double().mean()
+    test = torch.stack([s["target"] for s in split_samples(config, "test")]).double()
+    assert float(row["test"]) == pytest.approx((test - mean).square().mean().sqrt().item(), abs=5e-5)
+    assert float(row["test R2"]) == pytest.approx(1 - ((test - mean).square().sum() / (test - test.mean()).square().sum()).item(), abs=5e-5)

@@ -77,8 +77,9 @@ def constant_output(task: Any, train_batches: Iterable[dict[str, Tensor]]) -> Co
         logits = class_logits((b["label"] for b in train_batches), task.hparams.num_classes, task.multi_label)
         return ConstantOutput(logits, "label", per_sample=task.multi_label)
     raise UserInputError(f"--strategies {TRIVIAL}: defined for class and value targets (segmentation, "
-                         f"classification, regression), not {type(task).__name__}, whose metrics carry its "
-                         "own reference scores (persistence, climatology, bicubic, mean fill, naive forecast)")
+                         f"classification, regression), not {type(task).__name__}; forecasting, imputation and "
+                         "weather tasks log their own reference scores (naive forecast, mean fill, persistence, "
+                         "climatology, bicubic) beside their metrics")
 
 
 def trivial_results(cli_args: list[str]) -> dict[str, Any]:
@@ -92,6 +93,8 @@ def trivial_results(cli_args: list[str]) -> dict[str, Any]:
     task, data, trainer = cli.model, cli.datamodule, cli.trainer
     data.prepare_data()
     data.setup("fit")
+    if hasattr(task, "fill_target_stats"):  # regression statistics fit would take from the data at its start
+        task.fill_target_stats(data)
     constant = constant_output(task, data.train_dataloader())
     task.forward_batch = constant
     val = trainer.validate(task, datamodule=data)
