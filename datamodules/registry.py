@@ -97,4 +97,3 @@ def registry_folder(requirement: str, folder: str, cache_dir: Path, source: bool
             if not target.is_dir():  # else another process put it there first
                 raise
     return target
-

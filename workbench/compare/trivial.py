@@ -27,8 +27,8 @@ def class_logits(targets: Iterable[Tensor], num_classes: int, multi_label: bool)
     counts, seen = torch.zeros(num_classes, dtype=torch.float64), 0
     for target in targets:
         if multi_label:
-            counts += target.reshape(-1, num_classes).double().sum(0)
-            seen += target.reshape(-1, num_classes).shape[0]
+            labels = target.reshape(-1, num_classes).double()
+            counts, seen = counts + labels.sum(0), seen + len(labels)
         else:
             labelled = target[(target >= 0) & (target < num_classes)]
             counts += torch.bincount(labelled.flatten(), minlength=num_classes).double()
