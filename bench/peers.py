@@ -14,8 +14,9 @@ per strategy (Workbench samples/s ÷ TerraTorch's).
 ``--precision`` chooses what is compared: ``fp32`` or ``bf16`` (autocast), the same arithmetic in
 both tools (fp32 matmuls at ``--matmul_precision`` in both processes); ``default``, what each tool
 does when the user sets nothing: Workbench's ``auto_precision`` choice for this machine and its
-frozen-encoder feature cache, TerraTorch's 32-bit training with the matmul precision its import
-leaves (``medium``: importing ``terratorch.models`` sets it).
+frozen-encoder feature cache, and prediction in the precision such a checkpoint trained in;
+TerraTorch's 32-bit training and inference with the matmul precision its import leaves
+(``medium``: importing ``terratorch.models`` sets it).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def compare_predict(args: argparse.Namespace) -> None:
         bench_predict.write_scene(scene, args.scene_size)
         ours = last_json([sys.executable, spec.origin, "--case", "small", str(scene), f"--window={args.window}",
                           f"--overlap={args.overlap}", f"--batch_size={args.predict_batch_size}", "--device=cpu",
-                          f"--precision={'bf16' if args.precision == 'bf16' else 'fp32'}"])
+                          f"--precision={ours_predict_precision(args.precision)}"])
         peer = last_json([args.peer_python, __file__, "--peer_case=predict", f"--peer_python={args.peer_python}",
                           f"--scene={scene}", f"--window={args.window}", f"--overlap={args.overlap}",
                           f"--predict_batch_size={args.predict_batch_size}", f"--precision={args.precision}",
@@ -144,6 +145,17 @@ def compare_predict(args: argparse.Namespace) -> None:
     print(json.dumps(peer), flush=True)
     if "px_per_s" in ours and "px_per_s" in peer:
         print(json.dumps({"case": "predict", "ratio": round(ours["px_per_s"] / peer["px_per_s"], 2)}), flush=True)
+
+
+def ours_predict_precision(precision: str) -> str:
+    """``bench/predict.py``'s precision for ``--precision``: ``default`` is what ``workbench predict``
+    does with a checkpoint of a default fit on this machine (``auto_precision``'s choice, which
+    predict keeps: bf16 where the CPU computes it natively)."""
+    if precision == "default":
+        from workbench.precision import auto_precision
+
+        return "bf16" if auto_precision("cpu")[0] == "bf16-mixed" else "fp32"
+    return precision
 
 
 def last_json(command: list[str]) -> dict:

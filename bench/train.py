@@ -76,6 +76,8 @@ def run_case(args: argparse.Namespace) -> dict:
     precision = resolved_precision(args.precision, device.type)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
     model.set_channels_last(dtype is not None)  # as `workbench fit` does under mixed precision
+    if args.compile:
+        model.compile()  # as `compile_model: true` does; the warm-up step compiles
 
     def step(image: torch.Tensor, mask: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -84,7 +86,9 @@ def run_case(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(*batches[0])  # warm-up (allocations, kernels)
+    warm_up = time.perf_counter()
+    step(*batches[0])  # warm-up (allocations, kernels, compilation)
+    warm_up = time.perf_counter() - warm_up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -107,7 +111,8 @@ def run_case(args: argparse.Namespace) -> dict:
         "device": str(device),
         "steps": args.steps, "epochs": args.epochs,
         "samples_per_s": round(args.epochs * args.steps * args.batch_size / seconds, 3),
-        "step_s": round(seconds / (args.epochs * args.steps), 3), "peak_mib": round(peak, 1),
+        "step_s": round(seconds / (args.epochs * args.steps), 3), "compile": args.compile,
+        "first_step_s": round(warm_up, 1), "peak_mib": round(peak, 1),
         "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
     }
 
@@ -138,6 +143,7 @@ def main() -> None:
                         help="torch.set_float32_matmul_precision: medium lets fp32 matmuls use bfloat16 inside")
     parser.add_argument("--neck", default="lean", choices=["wide", "lean"],
                         help="ViT pyramid neck (model.init_args.neck)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile_model: true)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: size,on|off,strategy
     args = parser.parse_args()
@@ -148,7 +154,8 @@ def main() -> None:
         return
     common = [f"--batch_size={args.batch_size}", f"--img_size={args.img_size}", f"--frames={args.frames}",
               f"--steps={args.steps}", f"--epochs={args.epochs}", f"--precision={args.precision}",
-              f"--device={args.device}", f"--neck={args.neck}", f"--matmul_precision={args.matmul_precision}"]
+              f"--device={args.device}", f"--neck={args.neck}", f"--matmul_precision={args.matmul_precision}",
+              *(["--compile"] if args.compile else [])]
     for size in args.sizes:
         for strategy in args.strategies:
             for on in args.checkpointing:

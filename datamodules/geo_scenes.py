@@ -199,7 +199,7 @@ class GeoSceneDataModule(SplitDataModule):
         augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         """
         Args:
@@ -234,7 +234,7 @@ class GeoSceneDataModule(SplitDataModule):
             augmentations: kornia transforms on training batches (see :mod:`datamodules.augment`).
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
-            pin_memory: pin batches for faster host-to-GPU copies.
+            pin_memory: pin batches for faster host-to-GPU copies; None: when the trainer runs on a GPU.
         """
         super().__init__(batch_size, num_workers, pin_memory, train_fraction, seed, augmentations)
         if (labels is None) == (vector_labels is None):
@@ -371,5 +371,5 @@ class GeoSceneDataModule(SplitDataModule):
             sampler=self.sampler(split),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_batches,
         )

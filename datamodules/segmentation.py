@@ -71,7 +71,7 @@ class GeoSegmentationDataModule(SplitDataModule):
         augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         """
         Args:
@@ -108,7 +108,7 @@ class GeoSegmentationDataModule(SplitDataModule):
                 training batches on the device, image and mask together (:mod:`datamodules.augment`).
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
-            pin_memory: pin batches for faster host-to-GPU copies.
+            pin_memory: pin batches for faster host-to-GPU copies; None: when the trainer runs on a GPU.
         """
         super().__init__(batch_size, num_workers, pin_memory, train_fraction, seed, augmentations)
         if layout == "glob" and images is None:

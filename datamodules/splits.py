@@ -58,7 +58,7 @@ class SplitDataModule(LightningDataModule):
     as ``class_path``/``init_args``, see :mod:`datamodules.augment`) transform training batches on
     the device, image and mask together; a subclass offers them by passing its own argument on."""
 
-    def __init__(self, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False,
+    def __init__(self, batch_size: int = 8, num_workers: int = 0, pin_memory: bool | None = None,
                  train_fraction: float = 1.0, seed: int = 0,
                  augmentations: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
@@ -103,6 +103,14 @@ class SplitDataModule(LightningDataModule):
         consumed = trainer.global_step * trainer.accumulate_grad_batches
         return trainer.current_epoch, consumed % batches_per_epoch
 
+    @property
+    def pin_batches(self) -> bool:
+        """``pin_memory`` as set, or where it is None (the default) whether the attached trainer
+        runs on a CUDA device (host-to-GPU copies are faster from pinned memory)."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         """Training batches are shuffled per epoch by :class:`EpochShuffleSampler` (a resumed
         run continues the interrupted epoch's order); loaders draw no global random numbers.
@@ -125,7 +133,7 @@ class SplitDataModule(LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_batches,
             generator=torch.Generator().manual_seed(seed),
         )
 

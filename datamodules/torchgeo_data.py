@@ -177,7 +177,7 @@ class TorchGeoDataModule(SplitDataModule):
         augmentations: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         train_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
@@ -207,7 +207,7 @@ class TorchGeoDataModule(SplitDataModule):
                 applied to image and mask together after torchgeo's own ``aug``.
             batch_size: ``dataset`` only: chips per batch.
             num_workers: ``dataset`` only: DataLoader worker processes.
-            pin_memory: ``dataset`` only: pin batches for faster host-to-GPU copies.
+            pin_memory: ``dataset`` only: pin batches for faster host-to-GPU copies; None: when the trainer runs on a GPU.
             train_fraction: train on this seeded fraction of the training samples.
             seed: seed of the split, the sampler and the ``train_fraction`` subset.
         """

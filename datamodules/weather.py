@@ -334,7 +334,7 @@ class GriddedWeatherDataModule(SplitDataModule):
         grid_multiple: int = 1,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         train_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:

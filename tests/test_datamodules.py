@@ -163,6 +163,25 @@ def test_cached_chips_equal_read_chips_and_need_no_files(tmp_path: Path) -> None
         uncached[0]
 
 
+def test_batches_are_pinned_for_a_gpu_trainer_unless_set(tmp_path: Path) -> None:
+    """``pin_memory`` unset: the loaders pin batches when the attached trainer runs on CUDA, not
+    on a CPU or without a trainer; set, it is kept either way."""
+    from types import SimpleNamespace
+
+    chips = make_segmentation_chips(tmp_path, n=6, size=16)
+
+    def pinned(device: str | None, **kwargs: bool) -> bool:
+        dm = glob_module(chips, **kwargs)
+        if device:
+            dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1,
+                                         global_rank=0, global_step=0, accumulate_grad_batches=1, current_epoch=0)
+        dm.setup("fit")
+        return dm.val_dataloader().pin_memory
+
+    assert pinned("cuda:0") and not pinned("cpu") and not pinned(None)
+    assert not pinned("cuda:0", pin_memory=False) and pinned("cpu", pin_memory=True)
+
+
 def test_chip_cache_stops_at_its_budget(tmp_path: Path) -> None:
     chips = make_segmentation_chips(tmp_path, n=4, size=16)
     ds = glob_module(chips, split_ratios=(1.0, 0.0, 0.0)).dataset("train")

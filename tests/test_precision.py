@@ -6,10 +6,12 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import torch
 
-from tests.conftest import write_config
+from tests.conftest import write_config, write_geotiff
 from workbench import precision
 from workbench.cli import main
 
@@ -60,6 +62,32 @@ def test_bf16_training_follows_fp32_and_auto_is_recorded(tmp_path: Path, capsys:
     auto, _ = fit(tmp_path / "auto", "--auto_precision=true")
     assert auto["precision"] == precision.auto_precision("cpu")[0]
     assert f"trainer.precision {auto['precision']}" in capsys.readouterr().out
+
+
+def test_predict_computes_in_the_precision_the_checkpoint_trained_in(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16-mixed fit records its precision in the checkpoint; ``predict`` by default maps in
+    bfloat16 where the device computes it natively (the same maps as ``--precision bf16``), and in
+    float32 elsewhere (the same as ``--precision 32``)."""
+    results, _ = fit(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.max_epochs=1")
+    ckpt = results["best_checkpoint"]
+    assert torch.load(ckpt, weights_only=False)["workbench"]["precision"] == "bf16-mixed"
+    scene = write_geotiff(tmp_path / "scene.tif", np.random.default_rng(0).random((6, 40, 56), dtype=np.float32))
+
+    def probabilities(name: str, *options: str) -> np.ndarray:
+        out = tmp_path / name
+        assert main(["predict", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", ckpt, "--inputs", str(scene),
+                     "--window", "32", "--probabilities", "true", "--quicklook", "false", "--output_dir", str(out),
+                     *options]) == 0
+        with rasterio.open(out / "scene_probabilities.tif") as src:
+            return src.read()
+
+    fp32, bf16 = probabilities("fp32", "--precision", "32"), probabilities("bf16", "--precision", "bf16")
+    assert np.abs(fp32 - bf16).max() > 1e-4  # two computations told apart
+    for native, expected in ((True, bf16), (False, fp32)):
+        choice = ("bf16-mixed", "test: native") if native else ("32-true", "test: emulated")
+        monkeypatch.setattr(precision, "auto_precision", lambda accelerator, choice=choice: choice)
+        np.testing.assert_array_equal(probabilities(f"default_{native}"), expected)
 
 
 @pytest.mark.parametrize(("trainer_precision", "nhwc"), [("bf16-mixed", True), ("32-true", False)])

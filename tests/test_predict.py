@@ -98,13 +98,20 @@ def test_tiled_equals_model_when_scene_fits_one_window(tmp_path: Path, bf16: boo
     np.testing.assert_allclose(read(out["probabilities"]), expected_bf16 if bf16 else expected, atol=1e-5)
 
 
-def test_predict_precision_choice() -> None:
-    from workbench.precision import auto_precision
+def test_predict_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workbench import precision
     from workbench.predict.command import predict_in_bf16
 
     assert not predict_in_bf16("32", "cpu", onnx=False) and predict_in_bf16("bf16", "cpu", onnx=False)
-    assert predict_in_bf16("auto", "cpu", onnx=False) == (auto_precision("cpu")[0] == "bf16-mixed")
-    assert not predict_in_bf16("auto", "cpu", onnx=True)
+    assert predict_in_bf16("auto", "cpu", onnx=False) == (precision.auto_precision("cpu")[0] == "bf16-mixed")
+    assert not predict_in_bf16("auto", "cpu", onnx=True) and not predict_in_bf16("trained", "cpu", onnx=True)
+    for native in (True, False):  # trained: bf16 only for a bf16 checkpoint on a device that computes it natively
+        choice = ("bf16-mixed", "native") if native else ("32-true", "emulated")
+        monkeypatch.setattr(precision, "auto_precision", lambda accelerator, choice=choice: choice)
+        assert predict_in_bf16("trained", "cpu", onnx=False, trained="bf16-mixed") == native
+        assert predict_in_bf16("auto", "cpu", onnx=False) == native
+        for trained in ("32-true", "16-mixed", None):  # float32 checkpoints, and those from before it was recorded
+            assert not predict_in_bf16("trained", "cpu", onnx=False, trained=trained)
     with pytest.raises(UserInputError, match="--precision bf16 applies to checkpoints"):
         predict_in_bf16("bf16", "cpu", onnx=True)
 

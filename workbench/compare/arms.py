@@ -58,6 +58,14 @@ class Arm:
         ]  # fmt: skip
         return args + ([f"--ckpt_path={resume}"] if resume else [])
 
+    def process_args(self, base_config: str, out_dir: Path, resume: Path | None, extra: list[str] = ()) -> list[str]:
+        """The Python arguments of this arm's process: ``workbench fit`` with :meth:`fit_args`; the
+        trivial baseline builds the same run in its own module and scores it without fitting."""
+        args = self.fit_args(base_config, out_dir, resume, extra)
+        if self.strategy == TRIVIAL:
+            return ["-m", "workbench.compare.trivial", *args[1:]]  # no subcommand
+        return ["-m", "workbench.cli", *args]
+
 
 def run_logger_arg(out_dir: Path, name: str) -> str:
     """The ``--trainer.logger`` argument that puts a fit's run in ``<out_dir>/<name>/run``."""

@@ -51,15 +51,11 @@ def arm_results(arm_dir: Path) -> dict[str, Any] | None:
 
 
 def run_arm(arm: Arm, base_config: str, out_dir: Path, fit_args: list[str]) -> dict[str, Any]:
-    """Fit one arm in its own process (its own peak memory), resuming from its last checkpoint;
-    the trivial arm is built from the same arguments and scored without fitting."""
+    """Run one arm in its own process (its own peak memory; :meth:`Arm.process_args`), resuming
+    from its last checkpoint."""
     last = out_dir / arm.name / "run" / "checkpoints" / "last.ckpt"
     resume = last if last.is_file() else None
-    args = arm.fit_args(base_config, out_dir, resume, fit_args)
-    if arm.strategy == TRIVIAL:
-        args = ["-m", "workbench.compare.trivial", *args[1:]]  # no subcommand: build the run, do not fit
-    else:
-        args = ["-m", "workbench.cli", *args]
+    args = arm.process_args(base_config, out_dir, resume, fit_args)
     print(f"workbench compare: {'resuming' if resume else 'running'} {arm.name}", flush=True)
     log = out_dir / arm.name / "fit.log"
     log.parent.mkdir(parents=True, exist_ok=True)

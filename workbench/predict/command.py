@@ -92,21 +92,30 @@ def process_rank() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def predict_in_bf16(precision: str, device: str, onnx: bool) -> bool:
-    """Whether ``--precision`` (``32``, ``bf16``, ``auto``) means bfloat16 autocast on ``device``;
-    an ONNX model runs in the precision it was exported in."""
-    if precision == "32" or (onnx and precision == "auto"):
+def predict_in_bf16(precision: str, device: str, onnx: bool, trained: str | None = None) -> bool:
+    """Whether ``--precision`` (``32``, ``bf16``, ``auto``, ``trained``) means bfloat16 autocast on
+    ``device``. ``trained``: bfloat16 when the checkpoint trained in it (``trained``, its Lightning
+    precision, e.g. ``bf16-mixed``; None: not recorded) and ``device`` computes it natively, so the
+    maps are computed as the fit's val/test scores were. An ONNX model runs in the precision it was
+    exported in."""
+    if precision == "32" or (onnx and precision in ("auto", "trained")):
         return False
     if onnx:
         raise UserInputError("--precision bf16 applies to checkpoints; an .onnx model runs in the precision it was "
                              "exported in (drop --precision)")
-    if precision == "auto":
-        from workbench.precision import auto_precision
+    if precision == "bf16":
+        return True
+    from workbench.precision import auto_precision
 
-        choice, reason = auto_precision(torch.device(device).type)
-        print(f"workbench: predicting in {'bfloat16' if choice == 'bf16-mixed' else 'float32'} ({reason})")
-        return choice == "bf16-mixed"
-    return True
+    choice, reason = auto_precision(torch.device(device).type)
+    native = choice == "bf16-mixed"
+    if precision == "trained":
+        in_bf16 = (trained or "").startswith("bf16")
+        reason = (f"the checkpoint trained in {trained}" if trained else "the checkpoint records no precision") + (
+            f"; {reason}" if in_bf16 else "")
+        native = native and in_bf16
+    print(f"workbench: predicting in {'bfloat16' if native else 'float32'} ({reason})")
+    return native
 
 
 def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
@@ -132,10 +141,12 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     parser.add_argument("--probabilities", type=bool, default=False, help="also write class probabilities")
     parser.add_argument("--quicklook", type=bool, default=True, help="write a PNG quicklook per scene")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", type=Literal["32", "bf16", "auto"], default="32",
-                        help="32: float32; bf16: bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16; "
-                             "some pixels change class: 0.9 percent with the csmask U-Net); auto: bf16 where the device "
-                             "computes it natively")
+    parser.add_argument("--precision", type=Literal["trained", "32", "bf16", "auto"], default="trained",
+                        help="trained: bfloat16 autocast if the checkpoint trained in bf16 (fit's auto_precision) and "
+                             "the device computes it natively, else float32; 32: float32; bf16: bfloat16 autocast "
+                             "(about 2x faster on CPUs with AVX512-BF16; a model trained in float32 may change some "
+                             "pixels: 0.9 percent with the csmask U-Net); auto: bf16 where the device computes it "
+                             "natively")
     parser.add_argument("--bad_files", type=Literal["fail", "skip"], default="fail",
                         help="a scene that cannot be read (truncated, corrupt, not a raster): stop with its name "
                              "(fail) or warn and map the others (skip)")
@@ -154,10 +165,14 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
             f"{type(task).__name__}: evaluate it with `workbench test --config ... --ckpt_path ...` instead."
         )
     data.prepare_data()
+    trained = None  # the precision the checkpoint trained in, where it says
     if cfg.ckpt_path is not None and Path(cfg.ckpt_path).suffix == ".onnx":
         task = OnnxPixelModel(cfg.ckpt_path)
     elif cfg.ckpt_path is not None:
-        load_lightning_weights(task, read_lightning_checkpoint(cfg.ckpt_path, "--ckpt_path"), cfg.ckpt_path, "--ckpt_path")
+        ckpt = read_lightning_checkpoint(cfg.ckpt_path, "--ckpt_path")
+        trained = ckpt.get("workbench", {}).get("precision")
+        load_lightning_weights(task, ckpt, cfg.ckpt_path, "--ckpt_path")
+        del ckpt  # a copy of the weights: not kept while mapping
     elif not getattr(task.model, "task_layers_pretrained", False):
         raise UserInputError("--ckpt_path: give a checkpoint written by `workbench fit` (without one the config's "
                              "decoder and head have random weights; only a model pretrained with them, such as "
@@ -177,7 +192,7 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     overlap = cfg.overlap if cfg.overlap is not None else window // 4
     if isinstance(task, OnnxPixelModel):
         task.check_scenes(source, window)
-    bf16 = predict_in_bf16(cfg.precision, device, isinstance(task, OnnxPixelModel))
+    bf16 = predict_in_bf16(cfg.precision, device, isinstance(task, OnnxPixelModel), trained)
     predictor = TiledPredictor(
         task.to(device), source.preprocessor(), source.scene_spec(), window, overlap, cfg.batch_size, source.nodata,
         bf16,

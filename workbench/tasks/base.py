@@ -318,7 +318,10 @@ class BaseTask(LightningModule):
         return tensors
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["workbench"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "merged": False}
+        """Record the task class and the precision it trained in (``workbench predict`` predicts in it;
+        None when no trainer is attached)."""
+        checkpoint["workbench"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "merged": False,
+                                   "precision": self._trainer.precision if self._trainer is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A merged checkpoint (``workbench merge``) holds plain weights: merge the model's
