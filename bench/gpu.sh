@@ -17,7 +17,8 @@ set -u
 out=${1:-runs/gpu_check}
 part=${2:-all}
 mkdir -p "$out"
-wb="python -m workbench.cli"
+py=$(command -v python || command -v python3)  # images with only python3 (a venv's) work too
+wb="$py -m workbench.cli"
 scene="${WORKBENCH_CACHE:-$HOME/.cache/workbench}/sentinel2_water/s2_chesapeake_hls6.tif"
 status=0
 
@@ -32,12 +33,12 @@ step() {  # step NAME SECONDS COMMAND...: run one step, print its time and exit 
 }
 
 best() {  # best checkpoint of the newest run under folder $1
-    python -c "import json, sys; print(json.load(open(sys.argv[1]))['best_checkpoint'])" \
+    "$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['best_checkpoint'])" \
         "$(ls -td "$1"/*/version_*/ | head -1)results.json"
 }
 
 agree() {  # share of pixels where two class GeoTIFFs agree
-    python - "$@" <<'EOF'
+    "$py" - "$@" <<'EOF'
 import sys
 import rasterio
 a, b = (rasterio.open(p).read(1) for p in sys.argv[1:3])
@@ -46,11 +47,11 @@ EOF
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 if [ "$part" != bench ]; then
 step fit 60 $wb fit --config configs/flood_lora.yaml --trainer.logger.init_args.save_dir "$out/fit"
-python -c "import json, sys; d = json.load(open(sys.argv[1])); print({k: d[k] for k in ('precision', 'device', 'step_time_s', 'samples_per_s', 'peak_memory_mib', 'peak_memory_kind')}, 'test', d['test'])" \
+"$py" -c "import json, sys; d = json.load(open(sys.argv[1])); print({k: d[k] for k in ('precision', 'device', 'step_time_s', 'samples_per_s', 'peak_memory_mib', 'peak_memory_kind')}, 'test', d['test'])" \
     "$(ls -td "$out"/fit/*/version_*/ | head -1)results.json"
 ckpt=$(best "$out/fit")
 for how in "cuda 32" "cuda bf16" "cpu 32"; do
@@ -70,13 +71,13 @@ step "predict fsdp checkpoint" 30 $wb predict --config configs/flood_lora.yaml -
 fi
 
 if [ "$part" != cli ]; then
-step "bench/train.py" 120 python bench/train.py --device cuda --sizes 100m 300m --strategies full lora frozen \
+step "bench/train.py" 120 "$py" bench/train.py --device cuda --sizes 100m 300m --strategies full lora frozen \
     --checkpointing off --batch_size 16 --steps 8 --precision bf16
-step "bench/train.py checkpointing" 30 python bench/train.py --device cuda --sizes 300m --strategies full \
+step "bench/train.py checkpointing" 30 "$py" bench/train.py --device cuda --sizes 300m --strategies full \
     --checkpointing on --batch_size 16 --steps 8 --precision bf16
-step "bench/train.py fp32" 30 python bench/train.py --device cuda --sizes 100m --strategies full \
+step "bench/train.py fp32" 30 "$py" bench/train.py --device cuda --sizes 100m --strategies full \
     --checkpointing off --batch_size 16 --steps 8 --precision fp32
-step "bench/predict.py" 90 python bench/predict.py --device cuda --sizes 2048 8192 --backbones small 100m \
+step "bench/predict.py" 90 "$py" bench/predict.py --device cuda --sizes 2048 8192 --backbones small 100m \
     --batch_size 32 --precision bf16
 
 step compile 90 $wb fit --config configs/flood_lora.yaml --model.init_args.compile_model true --trainer.max_epochs 1 \
