@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from tests.conftest import TINY_BACKBONE, majority_class_miou, write_config
 from workbench import help_cache
@@ -75,7 +77,10 @@ def test_fit_lowers_loss_tests_and_exports(tmp_path: Path) -> None:
     results = yaml.safe_load((run_dir / "results.json").read_text())
     assert results["test"]["test/mIoU"] > majority_class_miou(config)  # learnt the bands, not the class prior
     assert "lora" in results["strategy"]
-    assert (run_dir / "export" / "adapter.safetensors").is_file()
+    # the export holds the best checkpoint's weights, read from its file
+    best = torch.load(results["best_checkpoint"], weights_only=False)["state_dict"]
+    adapter = load_file(run_dir / "export" / "adapter.safetensors")
+    assert adapter and all(torch.equal(value, best[f"model.{key}"]) for key, value in adapter.items())
     assert (run_dir / "export" / "merged.safetensors").is_file()
     # resume from the last checkpoint and train two more epochs: the run folder continues
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -9,7 +9,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import save_file
 
 from workbench.atomic import atomic_path, write_json
-from workbench.checkpoints import read_lightning_checkpoint
 from workbench.tasks.base import BaseTask
 
 
@@ -48,7 +47,10 @@ def export_weights(task: BaseTask, out_dir: str | Path) -> dict[str, str]:
 
 class ExportWeights(Callback):
     """At the end of ``fit``, export the best checkpoint's weights to ``<log_dir>/<dirname>``
-    (:func:`export_weights`)."""
+    (:func:`export_weights`), from a task rebuilt from the checkpoint file alone: the live module
+    may be wrapped by the strategy (FSDP shards its parameters, and gathering them would need every
+    process), and the file is what ``predict`` and ``merge`` read. Without a best checkpoint,
+    from the live module."""
 
     def __init__(self, dirname: str = "export") -> None:
         self.dirname = dirname
@@ -59,6 +61,8 @@ class ExportWeights(Callback):
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:
-            pl_module.load_state_dict(read_lightning_checkpoint(best, "best checkpoint")["state_dict"])
+            from workbench.merge.checkpoints import load_task
+
+            pl_module = load_task(best)
         paths = export_weights(pl_module, out_dir)
         print(f"workbench: exported {', '.join(paths.values())}")
