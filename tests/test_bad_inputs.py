@@ -195,7 +195,7 @@ def test_a_fit_into_a_run_folder_another_live_fit_writes_is_refused(tmp_path: Pa
     run.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live process holding it
     try:
-        (run / ".workbench.lock").write_text(str(other.pid))
+        (run.parent / ".shared.workbench.lock").write_text(str(other.pid))
         assert main(["fit", "--config", str(config)]) == 2
         line = one_error_line(capsys)
         assert f"another workbench fit (pid {other.pid}) is writing {run}" in line
@@ -204,4 +204,4 @@ def test_a_fit_into_a_run_folder_another_live_fit_writes_is_refused(tmp_path: Pa
         other.kill()
         other.wait()
     assert main(["fit", "--config", str(config)]) == 0  # its process gone, the lock is taken over
-    assert list(run.rglob("*.ckpt")) and not (run / ".workbench.lock").exists()
+    assert list(run.rglob("*.ckpt")) and not (run.parent / ".shared.workbench.lock").exists()

@@ -105,7 +105,9 @@ def _lightning_cli_class() -> tuple[type, type, type]:
             if ckpt and isinstance(logger, CSVLogger) and run_version(ckpt, logger.save_dir, logger.name) is not None:
                 continue_metrics(logger, read_lightning_checkpoint(ckpt, "--ckpt_path", mmap=True)["global_step"])
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
-            self.run_lock = Path(log_dir) / ".workbench.lock" if log_dir and self.trainer.is_global_zero else None
+            # beside the run folder, not in it: Lightning warns that a non-empty new run folder's logs will be deleted
+            self.run_lock = (Path(log_dir).parent / f".{Path(log_dir).name}.workbench.lock"
+                             if log_dir and self.trainer.is_global_zero else None)
             if self.run_lock is not None:  # two fits never write one run folder
                 self.run_lock.parent.mkdir(parents=True, exist_ok=True)
                 take_lock(self.run_lock, f"workbench fit (pid {{pid}}) is writing {log_dir}",
