@@ -14,6 +14,7 @@ import csv
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def continue_metrics(logger: CSVLogger, step: int) -> None:
         header, rows = list(reader.fieldnames or []), [r for r in reader if r.get("step") and float(r["step"]) < step]
     backup = old.with_name(f"metrics.before-resume-step{step}.csv")
     os.replace(old, backup)
-    writer = logger.experiment  # creating it would have deleted metrics.csv
+    with warnings.catch_warnings():  # Lightning's "logs will be deleted": they are kept, as above
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        writer = logger.experiment  # creating it would have deleted metrics.csv
     writer.metrics_keys = sorted(header)
     with atomic_path(old) as tmp, tmp.open("w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
