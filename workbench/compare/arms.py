@@ -11,9 +11,12 @@ from typing import Any
 
 import yaml
 
-from workbench.compare.trivial import TRIVIAL
 from workbench.errors import UserInputError
 
+
+# The trivial baseline's name in --strategies: a constant fitted to the training targets
+# (workbench.compare.trivial, run in its own process).
+TRIVIAL = "trivial"
 
 # Baselines every comparison should carry, written as arms: (strategy they run, fit overrides).
 BASELINES: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workbench.compare.arms import BASELINES, Arm, build_arms
+from workbench.compare.arms import BASELINES, TRIVIAL, Arm, build_arms
 from workbench.compare.report import table_row, write_csv, write_markdown, write_plots
-from workbench.compare.trivial import TRIVIAL
 from workbench.errors import UserInputError
 
 

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from workbench.compare.arms import TRIVIAL
 from workbench.errors import UserInputError
-
-TRIVIAL = "trivial"  # the baseline's name in --strategies
 
 
 def class_logits(targets: Iterable[Tensor], num_classes: int, multi_label: bool) -> Tensor:
