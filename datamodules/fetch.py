@@ -12,7 +12,6 @@ from pathlib import Path
 
 from datamodules.registry import registry_folder
 from workbench.atomic import default_cache_dir
-from workbench.cli import explain_errors
 from workbench.errors import UserInputError
 
 
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", type=Path, default=None, help="a symbolic link to make to the folder")
     args = parser.parse_args(argv)
 
-    def fetch() -> None:
+    try:
         folder = registry_folder(args.requirement, args.folder, default_cache_dir(), args.source)
         if args.link is not None:
             if args.link.is_symlink() or args.link.exists():
@@ -37,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 args.link.parent.mkdir(parents=True, exist_ok=True)
                 args.link.symlink_to(folder, target_is_directory=True)
-        print(folder)
+    except UserInputError as err:
+        print(f"workbench: error: {err}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
 
-    return explain_errors(fetch)
 
 if __name__ == "__main__":
     sys.exit(main())
