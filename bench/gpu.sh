@@ -9,7 +9,7 @@
 #   bf16 and on the CPU, and the share of pixels where the class maps agree;
 #   one epoch under configs/trainer/fsdp.yaml (Lightning's FSDPStrategy, one GPU), then predict
 #   with its gathered checkpoint.
-# bench (about 6 minutes at most): bench/train.py and bench/predict.py on cuda (samples/s, px/s,
+# bench (about 7 minutes at most): bench/train.py and bench/predict.py on cuda (samples/s, px/s,
 #   torch.cuda.max_memory_allocated), then one epoch with `compile_model: true`.
 # Each step has its own time limit and the script goes on after a failure; the log says which failed.
 # Not yet run on a GPU: the one lease this project had ended before it finished.
@@ -77,7 +77,7 @@ step "bench/train.py checkpointing" 30 "$py" bench/train.py --device cuda --size
     --checkpointing on --batch_size 16 --steps 8 --precision bf16
 step "bench/train.py fp32" 30 "$py" bench/train.py --device cuda --sizes 100m --strategies full \
     --checkpointing off --batch_size 16 --steps 8 --precision fp32
-step "bench/predict.py" 90 "$py" bench/predict.py --device cuda --sizes 2048 8192 --backbones small 100m \
+step "bench/predict.py" 150 "$py" bench/predict.py --device cuda --sizes 2048 8192 --backbones small 100m \
     --batch_size 32 --precision bf16
 
 step compile 90 $wb fit --config configs/flood_lora.yaml --model.init_args.compile_model true --trainer.max_epochs 1 \

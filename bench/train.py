@@ -56,7 +56,7 @@ def run_case(args: argparse.Namespace) -> dict:
     else:
         backbone = timm.create_model(SIZES[args.size], img_size=args.img_size, num_frames=args.frames)
         backbone.set_grad_checkpointing(args.checkpointing)
-    model = build_encoder_decoder(backbone, "unet" if cnn else "uper", 256, 2, neck=args.neck).to(device)
+    model = build_encoder_decoder(backbone, "unet" if cnn else "uper", 256, 2, neck=args.neck)
     class_path, options = parse_strategy(args.strategy)
     module, name = class_path.rsplit(".", 1)
     strategy_class = getattr(importlib.import_module(module), name)
@@ -64,6 +64,7 @@ def run_case(args: argparse.Namespace) -> dict:
         options.setdefault("target_modules", CONV_LORA_TARGETS)
     strategy = strategy_class(**options)
     report = strategy.apply(model)
+    model.to(device)  # after apply: some strategies add parameters (SSF, prompts, adapters)
     strategy.on_fit_start(model, augmented=False)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -53,21 +54,44 @@ def test_two_process_ddp_fit_matches_one_process(tmp_path: Path) -> None:
     assert not (tmp_path / "two" / "runs" / "tiny" / "version_1").exists()  # one run, not one per rank
 
 
-def test_fsdp_config_shards_every_block_of_every_family() -> None:
-    """Lightning refuses FSDP on CPU, so the config is checked as far as a CPU can: it builds
-    Lightning's FSDPStrategy, whose wrap policy covers each block of each backbone family."""
+def fsdp_config() -> tuple[dict, Any]:
+    """``configs/trainer/fsdp.yaml``'s settings and the strategy its ``strategy`` section builds."""
     from jsonargparse import ArgumentParser
-    from lightning.pytorch.strategies import FSDPStrategy, Strategy
-
-    from tests.test_modalities import TINY
-    from workbench.strategies.blocks import transformer_blocks
+    from lightning.pytorch.strategies import Strategy
 
     settings = yaml.safe_load((ROOT / "configs" / "trainer" / "fsdp.yaml").read_text())
     parser = ArgumentParser()
     parser.add_subclass_arguments(Strategy, "strategy")
-    strategy = parser.instantiate_classes(parser.parse_object({"strategy": settings["strategy"]})).strategy
+    return settings, parser.instantiate_classes(parser.parse_object({"strategy": settings["strategy"]})).strategy
+
+
+def test_fsdp_config_shards_every_block_of_every_family() -> None:
+    """Lightning refuses FSDP on CPU, so the config is checked as far as a CPU can: it builds
+    Lightning's FSDPStrategy, whose wrap policy covers each block of each backbone family."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from tests.test_modalities import TINY
+    from workbench.strategies.blocks import transformer_blocks
+
+    _, strategy = fsdp_config()
     assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"]
     wrapped = tuple(strategy.kwargs["auto_wrap_policy"]._module_classes)
     for name, (kwargs, _) in TINY.items():
         blocks = transformer_blocks(timm.create_model(name, **kwargs))
         assert blocks and all(isinstance(b, wrapped) for b in blocks), name
+
+
+def test_fsdp_config_keeps_batch_and_buffers_in_float32() -> None:
+    """Under FSDP, bf16-mixed computes in bf16 by autocast as on one device, with the batch and
+    buffers (regression targets, normalisation statistics, dates) left in float32: Lightning's own
+    FSDP policy for that precision would cast them all to bfloat16."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    settings, strategy = fsdp_config()
+    plugin = FSDPPrecision(settings["precision"])
+    strategy.precision_plugin = plugin
+    lightning_policy = plugin.mixed_precision_config
+    assert (lightning_policy.param_dtype, lightning_policy.buffer_dtype) == (torch.bfloat16, torch.bfloat16)
+    policy = strategy.mixed_precision_config  # what FSDP is given
+    assert (policy.param_dtype, policy.buffer_dtype, policy.reduce_dtype) == (None, None, None)
+    assert isinstance(plugin.forward_context(), torch.autocast)

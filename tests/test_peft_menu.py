@@ -226,6 +226,20 @@ def test_feature_cache_gives_the_same_outputs() -> None:
         assert "feature cache off" in strategy.on_fit_start(cached, augmented) and cached.feature_cache is None
 
 
+def test_feature_cache_keys_any_dtype() -> None:
+    """Samples are keyed by their bytes whatever the input dtype (a ``bf16-true`` fit feeds
+    bfloat16 images, which numpy cannot hold): equal samples hit, another sample misses."""
+    from workbench.feature_cache import sample_keys
+
+    images = torch.randn(3, 6, 8, 8)
+    images[2] = images[0]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        keys = sample_keys(images.to(dtype), {"temporal_coords": torch.tensor([[2020.0], [2021.0], [2020.0]])})
+        assert keys[0] == keys[2] and keys[0] != keys[1], dtype
+    years = {"temporal_coords": torch.tensor([[2020.0], [2021.0], [2021.0]])}
+    assert len(set(sample_keys(images, years))) == 3  # the extras are part of the key
+
+
 def test_cached_frozen_fit_matches_uncached(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The default frozen strategy caches features when the chips are not augmented, with the
     results of an uncached run; asking for the cache on augmented data is refused."""

@@ -118,3 +118,28 @@ def test_task_layers_are_channels_last_under_mixed_precision_only(trainer_precis
         torch.testing.assert_close(task(image), before, rtol=1e-5, atol=1e-6)
     for key, value in task.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_task_outputs_are_float32_under_bf16_autocast() -> None:
+    """Regression values and class probabilities leave the task in float32 when the model computes
+    in bfloat16: a bf16 output times the 0-d float32 target buffers would stay bfloat16 (values near
+    3,000 in steps of 16), and a bf16 softmax sums to 1 only within about 1e-2."""
+    from tests.conftest import TINY_BACKBONE
+    from workbench.tasks import ClassificationTask, RegressionTask
+
+    regression = RegressionTask(decoder="fcn", decoder_channels=8, target_mean=3000.0, target_std=500.0,
+                                backbone_kwargs=TINY_BACKBONE)
+    pred = torch.tensor([0.3, -1.1, 2.07, 0.013], dtype=torch.bfloat16)
+    values = regression.in_target_units(pred)
+    reference = pred.double() * 500.0 + 3000.0
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values.double(), reference, rtol=0, atol=1e-3)
+    rounded = pred * torch.tensor(500.0) + torch.tensor(3000.0)  # the arithmetic left to bf16 promotion
+    assert rounded.dtype == torch.bfloat16 and (rounded.double() - reference).abs().max() > 1
+
+    torch.manual_seed(0)
+    classifier = ClassificationTask(num_classes=5, backbone_kwargs=TINY_BACKBONE).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        probabilities = classifier.predict_step({"image": torch.randn(4, 6, 32, 32)}, 0)
+    assert probabilities.dtype == torch.float32
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(4), rtol=0, atol=1e-6)

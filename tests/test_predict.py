@@ -116,6 +116,18 @@ def test_predict_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         predict_in_bf16("bf16", "cpu", onnx=True)
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_predict_device_is_each_processes_own(monkeypatch: pytest.MonkeyPatch, cuda: bool) -> None:
+    """Under torchrun / srun (local rank 3 here) ``auto`` and a bare ``cuda`` mean this process's
+    GPU, not every process on cuda:0; a named device is kept."""
+    from workbench.predict.command import predict_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert predict_device("auto", 3) == ("cuda:3" if cuda else "cpu")
+    assert predict_device("cuda", 3) == "cuda:3" and predict_device("cuda", 0) == "cuda:0"
+    assert predict_device("cuda:1", 3) == "cuda:1" and predict_device("cpu", 3) == "cpu"
+
+
 def test_outputs_keep_georeference_nodata_and_metadata(tmp_path: Path) -> None:
     path = scene(tmp_path, (50, 70), nodata=-1.0)
     with rasterio.open(path, "r+") as dst:  # a nodata corner

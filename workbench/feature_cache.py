@@ -12,12 +12,14 @@ log = logging.getLogger(__name__)
 
 
 def sample_keys(image: Tensor, extras: dict[str, Tensor]) -> list[bytes]:
-    """One content hash per sample of ``image`` ``(B, ...)`` and its per-sample ``extras``."""
+    """One content hash per sample of ``image`` ``(B, ...)`` and its per-sample ``extras``, of
+    any dtype (bfloat16 included)."""
+    batch = [t.detach().cpu() for t in (image, *(extras[k] for k in sorted(extras)))]  # one copy off a GPU
     keys = []
     for i in range(image.shape[0]):
         digest = hashlib.blake2b(digest_size=16)
-        for tensor in (image[i], *(extras[k][i] for k in sorted(extras))):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for tensor in batch:
+            digest.update(tensor[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         keys.append(digest.digest())
     return keys
 

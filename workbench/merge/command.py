@@ -115,7 +115,8 @@ def validation_scorer(config: str, metric: str, task: BaseTask):
 
     data = fit_data(config)
     task.model = task.strategy.merged(task.model)
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)  # one device: on several GPUs "auto" would relaunch merge per GPU
 
     def score(weights: StateDict) -> float:
         task.model.load_state_dict(weights)

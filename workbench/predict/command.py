@@ -92,6 +92,15 @@ def process_rank() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def predict_device(requested: str, local_rank: int) -> str:
+    """The device ``--device`` means in a process of local rank ``local_rank``: ``auto`` and a bare
+    ``cuda`` are this process's GPU (``cuda:<local rank>``, so processes launched by torchrun or
+    srun do not share one), ``auto`` is the CPU without a GPU; anything else as given."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return f"cuda:{local_rank}"
+    return "cpu" if requested == "auto" else requested
+
+
 def predict_in_bf16(precision: str, device: str, onnx: bool, trained: str | None = None) -> bool:
     """Whether ``--precision`` (``32``, ``bf16``, ``auto``, ``trained``) means bfloat16 autocast on
     ``device``. ``trained``: bfloat16 when the checkpoint trained in it (``trained``, its Lightning
@@ -140,7 +149,9 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--probabilities", type=bool, default=False, help="also write class probabilities")
     parser.add_argument("--quicklook", type=bool, default=True, help="write a PNG quicklook per scene")
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (the GPU, else the CPU), cpu, cuda, cuda:1, ...; under torchrun / srun, auto "
+                             "and cuda mean each process's own GPU")
     parser.add_argument("--precision", type=Literal["trained", "32", "bf16", "auto"], default="trained",
                         help="trained: bfloat16 autocast if the checkpoint trained in bf16 (fit's auto_precision) and "
                              "the device computes it natively, else float32; 32: float32; bf16: bfloat16 autocast "
@@ -180,8 +191,7 @@ def run_predict(args: list[str]) -> dict[str, dict[str, Path]]:
     else:
         print("workbench: no --ckpt_path: predicting with the model's pretrained weights as shipped (zero-shot)")
     rank, world, local_rank = process_rank()
-    auto = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = auto if cfg.device == "auto" else cfg.device
+    device = predict_device(cfg.device, local_rank)
     if gridded:
         written = predict_fields(task, data, Path(cfg.output_dir), cfg.rollout_steps, device)
         print(f"workbench: {', '.join(str(p) for p in written.values())}")

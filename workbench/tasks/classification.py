@@ -88,6 +88,7 @@ class ClassificationTask(BaseTask):
         return [self.input_panel(batch, index, f"true: {true} / predicted: {pred}")]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Class probabilities ``(B, K)`` (softmax, or per-label sigmoid for multi-label)."""
-        logits = self.forward_batch(batch)
+        """Class probabilities ``(B, K)`` (softmax, or per-label sigmoid for multi-label), float32
+        also when the model computes in bfloat16."""
+        logits = self.forward_batch(batch).float()
         return logits.sigmoid() if self.multi_label else logits.softmax(1)

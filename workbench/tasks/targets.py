@@ -45,8 +45,9 @@ class RegressionTargets:
         return (target - self.target_mean) / self.target_std
 
     def in_target_units(self, pred: Tensor) -> Tensor:
-        """Model outputs → target units."""
-        return pred * self.target_std + self.target_mean
+        """Model outputs → target units, in float32: a bfloat16 output (autocast) times the 0-d
+        float32 buffers would stay bfloat16, rounding values near 3,000 to steps of 16."""
+        return pred.float() * self.target_std + self.target_mean
 
     def fill_target_stats(self, datamodule: object) -> None:
         """Fill the statistics not given from ``datamodule.target_stats()`` (``(mean, std)`` of the
