@@ -128,6 +128,20 @@ def test_backbone_kwarg_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "num_frame" in err and "num_frames" in err
 
 
+@pytest.mark.parametrize("trainer", [
+    {"accelerator": "cpu", "devices": -1},
+    pytest.param({"accelerator": "gpu"}, marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+])
+def test_trainer_settings_the_machine_refuses_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            trainer: dict) -> None:
+    """Lightning's accelerator connector refusing the trainer settings (devices -1 on the CPU, a GPU
+    on a machine without one) is one line naming the settings, not a traceback."""
+    config = write_config(tmp_path, trainer=trainer)
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("workbench: error: ") and "check trainer.accelerator, devices, strategy" in err
+
+
 def test_missing_pretrained_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = write_config(tmp_path, model={"pretrained": str(tmp_path / "nope.pt")})
     assert main(["fit", "--config", str(config)]) == 2

@@ -119,13 +119,20 @@ def test_predict_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("cuda", [True, False])
 def test_predict_device_is_each_processes_own(monkeypatch: pytest.MonkeyPatch, cuda: bool) -> None:
     """Under torchrun / srun (local rank 3 here) ``auto`` and a bare ``cuda`` mean this process's
-    GPU, not every process on cuda:0; a named device is kept."""
+    GPU, not every process on cuda:0; a named device is kept; a GPU the machine lacks or a name
+    torch does not know is one line."""
     from workbench.predict.command import predict_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if cuda else 0)
     assert predict_device("auto", 3) == ("cuda:3" if cuda else "cpu")
-    assert predict_device("cuda", 3) == "cuda:3" and predict_device("cuda", 0) == "cuda:0"
-    assert predict_device("cuda:1", 3) == "cuda:1" and predict_device("cpu", 3) == "cpu"
+    assert predict_device("cpu", 3) == "cpu"
+    if cuda:
+        assert predict_device("cuda", 3) == "cuda:3" and predict_device("cuda", 0) == "cuda:0"
+        assert predict_device("cuda:1", 3) == "cuda:1"
+    for wrong, message in (("cuda:4" if cuda else "cuda", "torch sees"), ("gpu0", "not a device name")):
+        with pytest.raises(UserInputError, match=f"--device {wrong}: {message}"):
+            predict_device(wrong, 0)
 
 
 def test_outputs_keep_georeference_nodata_and_metadata(tmp_path: Path) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from argparse import ArgumentError
 from typing import Any
 
 from workbench.config import config_parser, link_data_to_model
-from workbench.errors import UserInputError
+from workbench.errors import UserInputError, first_line
 from workbench.help_cache import print_help
 
 USAGE = """\
@@ -198,11 +199,15 @@ def run_stats(args: list[str]) -> dict[str, Any]:
 
 def user_error(err: BaseException) -> UserInputError | None:
     """The :class:`UserInputError` behind ``err``, if any (jsonargparse wraps init errors); a
-    refused config as one, its unknown key named (:func:`explain_config_error`)."""
+    refused config as one, its unknown key named (:func:`explain_config_error`); Lightning refusing
+    the trainer's accelerator, devices, strategy or precision on this machine as one."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserInputError):
             return err
+        if refused_trainer_setting(err):
+            return UserInputError(f"{first_line(err)} (Lightning refused the trainer settings for this machine: "
+                                  "check trainer.accelerator, devices, strategy and precision)")
         if isinstance(err, ArgumentError):  # jsonargparse refused the config
             from workbench.config_errors import explain_config_error
 
@@ -210,6 +215,14 @@ def user_error(err: BaseException) -> UserInputError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def refused_trainer_setting(err: BaseException) -> bool:
+    """Whether ``err`` is Lightning's accelerator connector refusing the trainer's accelerator,
+    devices, strategy or precision (a GPU setting on a machine without one, FSDP on a CPU, ...)."""
+    refusals = ("MisconfigurationException", "ValueError", "TypeError")
+    return type(err).__name__ in refusals and any(
+        Path(frame.filename).name == "accelerator_connector.py" for frame in traceback.extract_tb(err.__traceback__))
 
 
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)

@@ -95,10 +95,20 @@ def process_rank() -> tuple[int, int, int]:
 def predict_device(requested: str, local_rank: int) -> str:
     """The device ``--device`` means in a process of local rank ``local_rank``: ``auto`` and a bare
     ``cuda`` are this process's GPU (``cuda:<local rank>``, so processes launched by torchrun or
-    srun do not share one), ``auto`` is the CPU without a GPU; anything else as given."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return f"cuda:{local_rank}"
-    return "cpu" if requested == "auto" else requested
+    srun do not share one), ``auto`` is the CPU without a GPU; anything else as given. A name
+    torch does not know, or a GPU this machine does not have, is a one-line error."""
+    if requested == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if requested == "cuda" else requested)
+    except RuntimeError:
+        raise UserInputError(f"--device {requested}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        found = torch.cuda.device_count()
+        raise UserInputError(f"--device {requested}: torch sees {found} CUDA GPU(s) on this machine "
+                             f"({'no driver or no GPU' if not found else f'cuda:0 to cuda:{found - 1}'}); "
+                             "use --device auto or cpu")
+    return str(device)
 
 
 def predict_in_bf16(precision: str, device: str, onnx: bool, trained: str | None = None) -> bool:
