@@ -54,6 +54,24 @@ def test_two_process_ddp_fit_matches_one_process(tmp_path: Path) -> None:
     assert not (tmp_path / "two" / "runs" / "tiny" / "version_1").exists()  # one run, not one per rank
 
 
+@pytest.mark.timeout(300)
+def test_two_process_ddp_fit_of_a_data_driven_strategy(tmp_path: Path) -> None:
+    """SPT chooses the entries that train from the first training batches, and how many per weight
+    (so the parameter shapes) depends on them. Both ranks initialise from rank 0's batches, so they
+    choose alike: DDP, which checks that every rank's parameters have the same shapes, starts, and
+    the two ranks report the same choice."""
+    spt = {"class_path": "workbench.strategies.SPT", "init_args": {"budget": 0.01, "rank": 2, "batches": 2}}
+    config = write_classification_config(tmp_path, data={"batch_size": 2, "augment": False},
+                                         model={"strategy": spt}, trainer={"max_epochs": 1})
+    cmd = [sys.executable, "-m", "workbench.cli", "fit", "--config", str(config), "--trainer",
+           str(ROOT / "configs" / "trainer" / "ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--test_after_fit", "false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stdout + done.stderr  # two processes really ran
+    assert (done.stdout + done.stderr).count("workbench: spt initialized from 2 training batches") == 2
+
+
 def fsdp_config() -> tuple[dict, Any]:
     """``configs/trainer/fsdp.yaml``'s settings and the strategy its ``strategy`` section builds."""
     from jsonargparse import ArgumentParser

@@ -173,10 +173,13 @@ class BaseTask(LightningModule):
     def initialize_strategy(self) -> None:
         """The strategy's data-driven initialisation from its first ``init_batches`` training batches,
         on the training device, before the optimizer is built (so parameters it adds train). A
-        resumed run does it too; the checkpoint's weights then replace what it set."""
+        resumed run does it too; the checkpoint's weights then replace what it set. Under data
+        parallelism every rank takes rank 0's batches, so the choices (SPT's entries, EVA's ranks,
+        hence parameter shapes) agree across ranks."""
         self.to(self.trainer.strategy.root_device)
-        first = zip(self.trainer.datamodule.train_dataloader(), range(self.strategy.init_batches))
-        batches = [self.transfer_batch_to_device(batch, self.device, 0) for batch, _ in first]
+        loader = self.trainer.datamodule.train_dataloader()
+        first = self.trainer.strategy.broadcast([batch for batch, _ in zip(loader, range(self.strategy.init_batches))])
+        batches = [self.transfer_batch_to_device(batch, self.device, 0) for batch in first]
         data = InitBatches([self.model_input(b) for b in batches], lambda i: self.compute_step(batches[i], "train").loss)
         self.strategy_report = self.strategy.initialize_from(self.model, data)
         self.model.zero_grad(set_to_none=True)
