@@ -113,3 +113,26 @@ def test_tasks_built_in_python_reload_from_their_checkpoint(task_class: type, tm
     image = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(image), task(image), rtol=0, atol=0)
+
+
+def test_run_stats_peak_memory_is_taken_when_training_ends() -> None:
+    """``results.json``'s peak is training's: memory the process takes after training ends (the
+    validation and test of the best checkpoint) raises the process peak but not the recorded one.
+    In a fresh process, so that 256 MiB raise its peak."""
+    import subprocess
+    import sys
+
+    script = """
+import json, numpy as np
+from workbench.run_stats import RunStats, peak_host_mib
+stats = RunStats()
+stats.on_train_end(None, None)
+after_training = stats.peak_mib
+grown = np.ones(256 * 2**20 // 8)  # touched: resident
+print(json.dumps({"at_end": after_training, "process": peak_host_mib(), "summary": stats.summary()["peak_memory_mib"]}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1])
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert peaks["process"] >= peaks["at_end"] + 200  # the process peak grew after training
+    assert peaks["summary"] == round(peaks["at_end"], 1)

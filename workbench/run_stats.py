@@ -31,7 +31,8 @@ class RunStats(Callback):
 
     ``summary()``: ``step_time_s`` (median), ``samples_per_s`` (median batch size / median step
     time: robust to a machine busy with other work now and then), ``peak_memory_mib`` (CUDA
-    allocated on a GPU, else host RSS) and ``device``.
+    allocated on a GPU, else host RSS, taken when training ends: the validation and test of the
+    best checkpoint afterwards do not count) and ``device``.
     """
 
     def __init__(self, warmup: int = 2) -> None:
@@ -40,6 +41,7 @@ class RunStats(Callback):
         self.samples: list[int] = []
         self._start = 0.0
         self.device = "cpu"
+        self.peak_mib: float | None = None  # at the end of training
 
     def _sync(self, pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -56,6 +58,13 @@ class RunStats(Callback):
         self.times.append(time.perf_counter() - self._start)
         self.samples.append(len(model_input(batch)) if isinstance(batch, dict) else len(batch[0]))
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.peak_mib = self.peak_now()
+
+    def peak_now(self) -> float:
+        """The process's peak memory so far in MiB: CUDA allocated on a GPU, else host RSS."""
+        return torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda") else peak_host_mib()
+
     def summary(self) -> dict[str, Any]:
         cuda = self.device.startswith("cuda")
         skip = self.warmup if len(self.times) > self.warmup else 0
@@ -63,7 +72,7 @@ class RunStats(Callback):
         return {
             "step_time_s": round(statistics.median(times), 4) if times else None,
             "samples_per_s": round(statistics.median(samples) / statistics.median(times), 2) if times else None,
-            "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_host_mib(), 1),
+            "peak_memory_mib": round(self.peak_now() if self.peak_mib is None else self.peak_mib, 1),
             "peak_memory_kind": "cuda_allocated" if cuda else "host_rss",
             "device": self.device,
         }
