@@ -2,7 +2,9 @@
 
 Prints one JSON line per command: the first call's wall seconds with an empty help cache
 (``first_s``: it imports torch, Lightning and the registered classes to build the help) and the
-median and min over ``--repeats`` later fresh processes (the help read from the cache).
+median and min over ``--repeats`` later fresh processes (the help read from the cache). A last
+line times ``workbench --cache-help`` (the install line's step that builds every command's help)
+and each command's first help after it.
 
     python bench/startup.py
 """
@@ -39,6 +41,10 @@ def main() -> None:
         print(json.dumps({"command": "workbench " + " ".join(argv), "first_s": round(first, 3),
                           "median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
                           "repeats": args.repeats}), flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        build = wall_seconds(["--cache-help"], cache)
+        first = {" ".join(argv): round(wall_seconds(argv, cache), 3) for argv in COMMANDS.values() if len(argv) > 1}
+    print(json.dumps({"command": "workbench --cache-help", "seconds": round(build, 3), "first_help_after_s": first}))
 
 
 if __name__ == "__main__":

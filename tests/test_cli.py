@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_BACKBONE, majority_class_miou, write_config
 from workbench import help_cache
-from workbench.cli import main
+from workbench.cli import COMMANDS, main
 
 
 def epoch_losses(run_dir: Path) -> list[float]:
@@ -37,16 +37,33 @@ def test_help_is_fast_and_lists_commands() -> None:
 
 
 def test_command_help_is_cached_without_importing_torch(tmp_path: Path) -> None:
-    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path)}
+    def help_of(command: str, cache: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "workbench.cli", command, "--help"],
+                              capture_output=True, text=True, check=True, env={**os.environ, "WORKBENCH_CACHE": str(cache)})
 
-    def fit_help() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-X", "importtime", "-m", "workbench.cli", "fit", "--help"],
-                              capture_output=True, text=True, check=True, env=env)
-
-    built, cached = fit_help(), fit_help()
+    built, cached = help_of("fit", tmp_path / "a"), help_of("fit", tmp_path / "a")
     assert "torch" in built.stderr.split()  # the first call builds the help from the classes
     assert "--trainer.max_epochs" in built.stdout and cached.stdout == built.stdout
     assert "torch" not in cached.stderr.split(), "the cached help imported torch"
+    # `workbench --cache-help` (the install line) builds every command's help in one process, as
+    # each command's first --help in its own process would
+    subprocess.run([sys.executable, "-m", "workbench.cli", "--cache-help"], capture_output=True, check=True,
+                   env={**os.environ, "WORKBENCH_CACHE": str(tmp_path / "b")})
+    for command, fresh in (("fit", built), ("predict", help_of("predict", tmp_path / "c"))):
+        warmed = help_of(command, tmp_path / "b")
+        assert "torch" not in warmed.stderr.split(), f"{command} --help was not cached by --cache-help"
+        assert warmed.stdout == fresh.stdout
+    assert len(list((tmp_path / "b" / "help").iterdir())) == len(COMMANDS)
+
+
+def test_cache_help_names_a_cache_it_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(not_a_folder))
+    assert main(["--cache-help"]) == 2
+    assert capsys.readouterr().err.strip() == (f"workbench: error: could not write the help cache in "
+                                               f"{not_a_folder / 'help'}: set WORKBENCH_CACHE to a writable folder")
 
 
 def test_help_cache_is_rebuilt_when_a_library_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -6,7 +6,9 @@ Heavy imports (torch, lightning) happen only once a command that needs them runs
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from typing import Any
 
 from workbench.config import config_parser, link_data_to_model
 from workbench.errors import UserInputError, first_line
-from workbench.help_cache import print_help
+from workbench.help_cache import cached_help, print_help
 
 USAGE = """\
 usage: workbench <command> [--config CONFIG.yaml] [--section.key value ...]
@@ -36,6 +38,8 @@ commands:
 
 Run `workbench <command> --help` for a command's options, and
 `workbench fit --config configs/flood_lora.yaml --print_config` to see every setting.
+`workbench --cache-help` builds every command's help now (the install line runs it), so that
+a command's first `--help` prints at once.
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -249,7 +253,9 @@ def storage_error(err: BaseException) -> UserInputError | None:
     return None
 
 
-COMMANDS = ("stats", "predict", "compare", "tune", "merge", "export", *LIGHTNING_COMMANDS)
+# Lightning's first: cache_help builds them in this order in one process, and the subclass lists
+# in their help follow the import order, which then matches a fresh `workbench fit --help`
+COMMANDS = (*LIGHTNING_COMMANDS, "predict", "compare", "tune", "merge", "export", "stats")
 
 
 def run_command(command: str, rest: list[str], lightning_args: list[str] | None) -> None:
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    if args[0] == "--cache-help":
+        return cache_help()
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"workbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -303,6 +311,26 @@ def main(argv: list[str] | None = None) -> int:
             run_command(command, rest, lightning_args)
 
     return explain_errors(run)
+
+
+def cache_help() -> int:
+    """Build every command's bare ``--help`` text into the help cache, through the same path a
+    user's ``workbench <command> --help`` takes; 0 when all were built."""
+    status, argv = 0, sys.argv
+    try:
+        for command in COMMANDS:
+            sys.argv = [argv[0], command, "--help"]  # as typed: Lightning's subcommands read sys.argv
+            with contextlib.redirect_stdout(io.StringIO()):
+                status = status or main()
+    finally:
+        sys.argv = argv
+    folder = cached_help(COMMANDS[0]).parent
+    if status == 0 and not all(cached_help(command).is_file() for command in COMMANDS):
+        print(f"workbench: error: could not write the help cache in {folder}: set WORKBENCH_CACHE to a writable "
+              "folder", file=sys.stderr)
+        return 2
+    print(f"workbench: the help of {len(COMMANDS)} commands is cached in {folder}")
+    return status
 
 
 def explain_errors(run: Callable[[], object]) -> int:

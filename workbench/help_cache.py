@@ -1,6 +1,7 @@
 """Instant ``workbench <command> --help``: a command's help is built once (importing torch,
 Lightning and every registered class takes seconds), kept in the cache folder, and printed from
-there while nothing it depends on has changed.
+there while nothing it depends on has changed. It is built on a command's first ``--help``, or
+for every command at once by ``workbench --cache-help``, which the README's install line runs.
 
 The key covers what the help text is made of: the versions of the libraries whose signatures it
 lists, the size and modification time of every source file of Workbench's packages (an edit or
@@ -40,13 +41,18 @@ def help_key(command: str) -> str:
     return digest.hexdigest()[:32]
 
 
+def cached_help(command: str) -> Path:
+    """The file that holds ``command``'s help while its key holds."""
+    return default_cache_dir() / "help" / f"{command}-{help_key(command)}.txt"
+
+
 def print_help(command: str, args: list[str], build: Callable[[], object]) -> bool:
     """Print ``command``'s help from the cache when ``args`` is a bare help flag (True), building
     and caching it on a miss by calling ``build`` (which prints the help and exits, as argparse
     does); False for any other ``args``, with nothing done."""
     if len(args) != 1 or args[0] not in HELP_FLAGS:
         return False
-    cached = default_cache_dir() / "help" / f"{command}-{help_key(command)}.txt"
+    cached = cached_help(command)
     if cached.is_file():
         sys.stdout.write(cached.read_text())
         return True
