@@ -4,7 +4,8 @@ feature-map layout, and making timm SwinV2 adapter-friendly."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -48,13 +49,49 @@ class GradCheckpointing:
         return self.grad_checkpointing and torch.is_grad_enabled()
 
 
+EXPLICIT_ATTENTION_MAX_ELEMENTS = 2**24  # (B, heads, N, N) attention entries: 32 MiB per block in bf16
+
+
+def explicit_attention_pays(tokens: Tensor, heads: int) -> bool:
+    """Whether timm's explicit ``softmax(QKᵀ)V`` attention trains faster than its fused
+    ``scaled_dot_product_attention`` on ``tokens`` ``(B, N, D)``: under CPU bfloat16 autocast with
+    gradients recorded, where the fused kernel's bf16 backward is slow (a timm ``Attention``
+    forward + backward took 0.54-0.80x the time explicit at 64-256 tokens, dims 192 and 768, on an
+    AVX512-BF16 CPU; forward alone and float32 are as fast or faster fused), and while the
+    attention matrix it keeps for backward stays small."""
+    batch, length = tokens.shape[:2]
+    return (tokens.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and batch * heads * length * length <= EXPLICIT_ATTENTION_MAX_ELEMENTS)
+
+
+@contextmanager
+def fastest_attention(blocks: Sequence[nn.Module], tokens: Tensor) -> Iterator[None]:
+    """Run the fused-attention timm ``blocks`` with explicit attention inside the context where
+    :func:`explicit_attention_pays` for ``tokens``; blocks built unfused (``TIMM_FUSED_ATTN=0``)
+    stay so. Not for recomputed (checkpointed) blocks: their backward re-runs the forward after
+    the context has ended."""
+    fused = [block.attn for block in blocks if getattr(getattr(block, "attn", None), "fused_attn", False)]
+    if not (fused and explicit_attention_pays(tokens, fused[0].num_heads)):
+        yield
+        return
+    for attn in fused:
+        attn.fused_attn = False
+    try:
+        yield
+    finally:
+        for attn in fused:
+            attn.fused_attn = True
+
+
 def forward_blocks(blocks: nn.ModuleList, tokens: Tensor, norm: nn.Module, recompute: bool = False) -> Tensor:
     """All ``blocks`` over ``tokens`` ``(B, N, D)``, then ``norm``; ``recompute``: timm's
-    ``checkpoint_seq`` (activations recomputed in backward)."""
+    ``checkpoint_seq`` (activations recomputed in backward); otherwise in :func:`fastest_attention`."""
     if recompute:
         return norm(checkpoint_seq(blocks, tokens))
-    for block in blocks:
-        tokens = block(tokens)
+    with fastest_attention(blocks, tokens):
+        for block in blocks:
+            tokens = block(tokens)
     return norm(tokens)
 
 
@@ -63,14 +100,16 @@ def block_intermediates(blocks: nn.ModuleList, tokens: Tensor, indices: Sequence
     """Outputs ``(B, N, D)`` of the blocks in ``indices`` (in that order, repeats allowed), the
     last block's through ``norm``; blocks after the deepest index are not run. ``pos`` ``(B, N, D)``,
     if given, is added to the input of every block (Point-BERT/MAE); ``recompute``: each block
-    through timm's ``checkpoint``."""
+    through timm's ``checkpoint``; otherwise in :func:`fastest_attention`."""
     outputs: dict[int, Tensor] = {}
     last = len(blocks) - 1
-    for i, block in enumerate(blocks[: max(indices) + 1]):
-        x = tokens if pos is None else tokens + pos
-        tokens = checkpoint(block, x) if recompute else block(x)
-        if i in indices:
-            outputs[i] = norm(tokens) if i == last else tokens
+    run = blocks[: max(indices) + 1]
+    with nullcontext() if recompute else fastest_attention(run, tokens):
+        for i, block in enumerate(run):
+            x = tokens if pos is None else tokens + pos
+            tokens = checkpoint(block, x) if recompute else block(x)
+            if i in indices:
+                outputs[i] = norm(tokens) if i == last else tokens
     return [outputs[i] for i in indices]
 
 

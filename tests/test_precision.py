@@ -143,3 +143,45 @@ def test_task_outputs_are_float32_under_bf16_autocast() -> None:
         probabilities = classifier.predict_step({"image": torch.randn(4, 6, 32, 32)}, 0)
     assert probabilities.dtype == torch.float32
     torch.testing.assert_close(probabilities.sum(1), torch.ones(4), rtol=0, atol=1e-6)
+
+
+def test_cpu_bf16_training_runs_explicit_attention_with_the_fused_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bfloat16 autocast with gradients, the ViT blocks run timm's explicit attention
+    (no scaled_dot_product_attention call); outputs and gradients stay as near float32's as the
+    fused kernel's. Inference, float32 and large attention matrices keep the fused kernel, and
+    every block is left fused afterwards."""
+    import timm
+    import torch.nn.functional as F
+
+    import backbones.features as features
+    from tests.conftest import TINY_BACKBONE
+
+    fused_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    model = timm.create_model("prithvi_eo_v2_tiny_tl", **TINY_BACKBONE)
+    image = torch.randn(4, 6, 32, 32)
+
+    def run(bf16: bool, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+        fused_calls.clear()
+        model.zero_grad()
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            tokens = model.forward_features(image).float()
+        if grad:
+            tokens.square().mean().backward()
+        grad_of_qkv = model.blocks[0].attn.qkv.weight.grad
+        return tokens.detach(), grad_of_qkv, len(fused_calls)
+
+    reference, reference_grad, calls = run(bf16=False)
+    assert calls == TINY_BACKBONE["depth"]  # float32: fused
+    explicit, explicit_grad, calls = run(bf16=True)
+    assert calls == 0
+    assert all(block.attn.fused_attn for block in model.blocks)
+    assert run(bf16=True, grad=False)[2] == TINY_BACKBONE["depth"]  # inference: fused
+    monkeypatch.setattr(features, "EXPLICIT_ATTENTION_MAX_ELEMENTS", 0)  # as if the attention matrix were large
+    fused, fused_grad, calls = run(bf16=True)
+    assert calls == TINY_BACKBONE["depth"]
+    error = lambda x, ref: float((x - ref).abs().mean())  # noqa: E731
+    assert error(explicit, reference) <= 2 * error(fused, reference)
+    assert error(explicit_grad, reference_grad) <= 2 * error(fused_grad, reference_grad)
