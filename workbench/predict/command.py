@@ -103,11 +103,12 @@ def predict_device(requested: str, local_rank: int) -> str:
         device = torch.device(f"cuda:{local_rank}" if requested == "cuda" else requested)
     except RuntimeError:
         raise UserInputError(f"--device {requested}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
-    found = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and (device.index or 0) >= found:
-        raise UserInputError(f"--device {requested}: torch sees {found} CUDA GPU(s) on this machine "
-                             f"({'no driver or no GPU' if not found else f'cuda:0 to cuda:{found - 1}'}); "
-                             "use --device auto or cpu")
+    if device.type == "cuda":
+        found = torch.cuda.device_count()
+        if (device.index or 0) >= found:
+            raise UserInputError(f"--device {requested}: torch sees {found} CUDA GPU(s) on this machine "
+                                 f"({'no driver or no GPU' if not found else f'cuda:0 to cuda:{found - 1}'}); "
+                                 "use --device auto or cpu")
     return str(device)
 
 
